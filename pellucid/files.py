@@ -1,0 +1,139 @@
+"""Files on disk: the $PELLUCID_HOME cache, atomic writes, checksums, and fetching from PyPI.
+
+Every file pellucid writes goes through `atomic_write` (temp file in the same folder, fsync, rename,
+fsync of the folder), so a crash at any moment leaves either the old file or the new one, never a mix.
+Built-in data and models come from ordinary PyPI packages (see shared/DATA.md), downloaded with pip
+and verified against the sha256 recorded in the code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from pellucid.errors import DataError
+
+log = logging.getLogger("pellucid")
+
+
+def pellucid_home() -> Path:
+    """The cache root: `$PELLUCID_HOME`, else `~/.cache/pellucid`."""
+    return Path(os.environ.get("PELLUCID_HOME") or Path.home() / ".cache" / "pellucid")
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temp file beside `path`; on a clean exit fsync it and rename it over `path`.
+
+    On an exception the temp file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write `data` to `path` atomically (temp file, fsync, rename)."""
+    with atomic_open(path, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PyPIArtifact:
+    """One file from PyPI, pinned by version and sha256.
+
+    `sdist=True` asks pip for the source archive (`--no-binary :all:`), else the wheel.
+    """
+
+    package: str
+    version: str
+    filename: str
+    sha256: str
+    sdist: bool = False
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+def _pip_download(art: PyPIArtifact, dest: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest)]
+    cmd += ["--no-binary", ":all:"] if art.sdist else ["--only-binary", ":all:"]
+    cmd.append(art.requirement)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DataError(f"could not run pip to fetch {art.requirement}: {e}") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DataError(
+            f"could not download {art.requirement} from the package index ({last}); if this machine "
+            f"is offline, copy {art.filename} into {dest.parent} (sha256 {art.sha256[:12]}...)"
+        )
+
+
+def fetch_pypi(art: PyPIArtifact, *, download: Callable[[PyPIArtifact, Path], None] = _pip_download) -> Path:
+    """Return the cached path of `art`, downloading and verifying it on first use.
+
+    The file is cached as `$PELLUCID_HOME/downloads/<filename>`. A file already there is trusted
+    only if its sha256 matches. `download` is replaceable for tests.
+    """
+    cache = pellucid_home() / "downloads"
+    target = cache / art.filename
+    if target.exists() and sha256_file(target) == art.sha256:
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("fetching %s from PyPI into %s ...", art.requirement, cache)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        download(art, Path(tmp))
+        got = Path(tmp) / art.filename
+        if not got.exists():
+            raise DataError(f"pip did not produce {art.filename} for {art.requirement}")
+        digest = sha256_file(got)
+        if digest != art.sha256:
+            raise DataError(
+                f"checksum mismatch for {art.filename}: expected {art.sha256}, got {digest}"
+            )
+        os.replace(got, target)
+    _fsync_dir(cache)
+    log.info("fetched %s (%.1f MB)", art.filename, target.stat().st_size / 1e6)
+    return target

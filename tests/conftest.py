@@ -1,0 +1,46 @@
+"""Shared fixtures: an isolated PELLUCID_HOME, determinism, and GPU-test skipping."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    """Each test gets its own empty cache, unless it opts into the shared one (see `real_home`)."""
+    home = tmp_path_factory.mktemp("pellucid_home")
+    monkeypatch.setenv("PELLUCID_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def real_home(monkeypatch):
+    """The user's cache (where CI keeps fetched corpora and models), for slow end-to-end tests."""
+    home = os.environ.get("PELLUCID_TEST_HOME") or os.path.expanduser("~/.cache/pellucid")
+    monkeypatch.setenv("PELLUCID_HOME", home)
+    return home
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_defaults():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip)
