@@ -48,7 +48,146 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_data]
+# --- generate -------------------------------------------------------------------------------------
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a model (streamed, or --json)")
+    p.add_argument("prompt", help="the prompt, as raw text")
+    p.add_argument("--model", required=True, help="run directory, HF directory, .gguf or name")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (argmax)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    p.add_argument("--top-p", type=float, help="sample from the smallest set reaching p")
+    p.add_argument("--min-p", type=float, help="drop tokens below min-p x the best one's p")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty, 1 = off")
+    p.add_argument("--seed", type=int, help="same seed, same text")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--top-logprobs", type=int, default=5, help="alternatives per step in --json")
+    p.add_argument("--json", action="store_true", help="print one JSON object, not streamed text")
+    p.set_defaults(handler=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pellucid.errors import TokenizerError
+    from pellucid.infer.engine import Engine
+    from pellucid.infer.sampling import SamplingParams
+    from pellucid.weights.resolve import load_model
+
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise TokenizerError(f"model '{args.model}' has no tokenizer.json to read the prompt")
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        stop=args.stop,
+        stop_token_ids=[] if tokenizer.eos_id is None else [tokenizer.eos_id],
+        top_logprobs=args.top_logprobs if args.json else 0,
+    )
+    engine, prompt_ids = Engine(model, tokenizer), tokenizer.encode(args.prompt)
+    if not args.json:
+        engine.complete(prompt_ids, params, on_text=lambda t: print(t, end="", flush=True))
+        print()
+        return 0
+    done = engine.complete(prompt_ids, params)
+    t = done.timing
+    _emit_json(
+        {
+            "prompt_ids": done.prompt_ids,
+            "ids": done.ids,
+            "text": done.text,
+            "finish_reason": done.finish_reason,
+            "steps": [
+                {
+                    "id": s.id,
+                    "text": s.text,
+                    "logprob": s.logprob,
+                    "top": [{"id": i, "logprob": lp} for i, lp in s.top],
+                }
+                for s in done.steps
+            ],
+            "timing": {
+                "prefill_tokens": t.prefill_tokens,
+                "prefill_tokens_per_s": t.prefill_tokens_per_s,
+                "decode_tokens": t.decode_tokens,
+                "decode_tokens_per_s": t.decode_tokens_per_s,
+            },
+        }
+    )
+    return 0
+
+
+# --- train and demo -------------------------------------------------------------------------------
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pretrain a model (config file + key=value overrides)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_steps=200")
+    p.add_argument("--config", help="a TOML file with [model], [data] and [train] tables")
+    p.add_argument("--out", help="run directory to create (default: runs/<timestamp>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    p.set_defaults(handler=cmd_train)
+
+
+def _print_run(result: object) -> None:
+    run_dir = result.run_dir
+    for prompt, text in result.samples:
+        print(f"--- sample ({prompt!r}) ---\n{prompt}{text}\n")
+    print(f"validation bits per byte: {result.val_bpb:.4f} after {result.state.step} steps")
+    print(f"run directory: {run_dir}")
+    print(f"  checkpoint:  {result.state.checkpoint}")
+    print(f"  metrics:     {run_dir / 'metrics.jsonl'}")
+    print(f"  plot:        {run_dir / 'loss.png'}")
+    print(f"  report:      {run_dir / 'report.md'}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pellucid import recipes
+    from pellucid.errors import ConfigError
+
+    if args.resume:
+        if args.config or args.out:
+            raise ConfigError(
+                "--resume takes the config and directory from RUN_DIR; pass only key=value overrides"
+            )
+        result = recipes.resume(Path(args.resume), args.overrides)
+    else:
+        run = recipes.load_run_config(args.config, args.overrides)
+        result = recipes.pretrain(run, Path(args.out) if args.out else recipes.default_run_dir())
+    _print_run(result)
+    return 0
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train a small Shakespeare model on the CPU, then sample")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time (default 5)")
+    p.add_argument("--out", help="run directory to create (default: runs/demo-<timestamp>)")
+    p.set_defaults(handler=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pellucid import recipes
+
+    result = recipes.demo(args.minutes, Path(args.out) if args.out else None)
+    _print_run(result)
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_data,
+    add_generate,
+    add_train,
+    add_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

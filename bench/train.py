@@ -1,0 +1,99 @@
+"""Training speed: tokens/s and MFU of pellucid's one training loop at nanoGPT's shapes.
+
+    python bench/train.py                    # CPU, fp32: shapes S and B (nanoGPT's CPU recipe)
+    python bench/train.py --quick            # a few steps each: sanity check only
+    python bench/train.py --compile          # the same with torch.compile
+    python bench/train.py --device cuda      # GPT-2 124M shape, context 1024, bf16 autocast
+
+MFU = model FLOPs per token (6N + 12 L H D T, nanoGPT's estimate) x tokens/s / peak, where the
+peak is measured in this process: the best fp32 1024^3 matmul on the CPU (bf16 4096^3 on CUDA).
+nanoGPT reaches 39% (S) and 75% (B) of that peak on the CPU here (42% on S with compile); the
+goals are >= 60% (S) and >= 80% (B). The loop is the real one (`pellucid.train.trainer.train`):
+data sampling, the per-step sync for the non-finite check and the metrics log are all counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pellucid.data.batches import WindowSampler
+from pellucid.model.config import PRESETS, ModelConfig
+from pellucid.model.transformer import Transformer
+from pellucid.train.metrics import measure_peak_flops, read_metrics
+from pellucid.train.objectives import lm_loss
+from pellucid.train.trainer import TrainConfig, train
+
+GPT2 = {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False}
+# nanoGPT's shakespeare_char shapes: 65 characters, tied head, no biases.
+SHAPES = {
+    "S": (ModelConfig(vocab_size=65, context_len=64, n_layer=4, n_head=4, n_embd=128, **GPT2), 12),
+    "B": (
+        ModelConfig(
+            vocab_size=65, context_len=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2, **GPT2
+        ),
+        16,
+    ),
+}
+
+
+def bench(name: str, cfg: ModelConfig, batch: int, steps: int, device: str, compile: bool) -> dict:
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 1 << 20).astype(np.uint16)
+    sampler = WindowSampler(tokens, batch, cfg.context_len, seed=0, pin_memory=device == "cuda")
+    tcfg = TrainConfig(
+        max_steps=steps, batch_size=batch, warmup_steps=1, eval_every=0, checkpoint_every=0,
+        device=device, dtype="auto", compile=compile, progress=False, log_every=10**9,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        train(model, lm_loss, sampler, tcfg, Path(tmp))
+        records = read_metrics(Path(tmp) / "metrics.jsonl")
+    timed = records[len(records) // 3 :]  # the first third warms up (and compiles)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return {
+        "shape": name,
+        "params": model.num_params(),
+        "batch": batch,
+        "context": cfg.context_len,
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+        "mfu": statistics.median(r["mfu"] for r in timed),
+        "peak_tflops": measure_peak_flops(device, dtype) / 1e12,
+        "compile": compile,
+        "device": device,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--quick", action="store_true", help="6 steps per shape")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--batch", type=int, default=16, help="batch for the CUDA GPT-2 shape")
+    args = p.parse_args()
+    steps = 6 if args.quick else args.steps
+    shapes = {"gpt2-124m": (PRESETS["gpt2-124m"], args.batch)} if args.device == "cuda" else SHAPES
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    for name, (cfg, batch) in shapes.items():
+        r = bench(name, cfg, batch, steps, args.device, args.compile)
+        print(
+            f"{name:10s} {r['params'] / 1e6:6.2f}M params  batch {batch} x {cfg.context_len}  "
+            f"{r['tokens_per_s']:10,.0f} tok/s  MFU {100 * r['mfu']:5.1f}% "
+            f"(of a measured {r['peak_tflops']:.3g} TFLOP/s)"
+        )
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Batches: the `Batch` every objective consumes, and the samplers that cut them from token arrays.
+
+Pretraining draws random windows of `context_len + 1` tokens from the train shard
+(`WindowSampler`); evaluation walks the val shard in order, each token a target exactly once
+(`eval_batches`). In both, inputs are a window without its last token and targets the window
+without its first: position t predicts token t + 1.
+
+The sampler is deterministic and its position is two integers: batch number `step` is drawn with a
+private `torch.Generator` seeded from (seed, step), so `state()` is `{"seed", "step"}`, restoring
+it is O(1) at any step, and the global RNG is never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pellucid.errors import DataError
+
+IGNORE_INDEX = -100  # a target with this id carries no loss (padding, prompt tokens under SFT)
+
+
+@dataclass
+class Batch:
+    """One micro-batch. Later objectives subclass it to add fields (attention masks, rewards).
+
+    inputs: (B, T) int64 token ids.
+    targets: (B, T) int64 next-token ids, IGNORE_INDEX where no loss is wanted.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+
+    @property
+    def n_targets(self) -> int:
+        """Number of targets that carry loss (!= IGNORE_INDEX)."""
+        return int((self.targets != IGNORE_INDEX).sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with every tensor field on `device` (asynchronous from pinned memory)."""
+        moved = {
+            f.name: v.to(device, non_blocking=v.is_pinned())
+            for f in dataclasses.fields(self)
+            if isinstance(v := getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
+
+def _to_batch(inputs: np.ndarray, targets: np.ndarray, pin_memory: bool) -> Batch:
+    """(B, T) integer arrays -> Batch of (B, T) int64 tensors that own their memory."""
+    # astype copies, so inputs and targets never share storage (they overlap in the window).
+    x, y = (torch.from_numpy(a.astype(np.int64)) for a in (inputs, targets))
+    if pin_memory:  # page-locked host memory lets .to("cuda", non_blocking=True) overlap compute
+        x, y = x.pin_memory(), y.pin_memory()
+    return Batch(x, y)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    # A hash, not seed + step: samplers with neighbouring seeds must not share batches.
+    digest = hashlib.sha256(f"{seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+class WindowSampler:
+    """An endless iterator of random-window batches over a 1-D token array.
+
+    tokens: (N,) integer token ids (a memory-mapped shard is fine: only the windows are read).
+    Each `next()` returns a Batch of (batch_size, context_len) int64 tensors whose windows start
+    uniformly at random in [0, N - context_len - 1].
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        context_len: int,
+        seed: int,
+        *,
+        pin_memory: bool = False,
+    ) -> None:
+        if batch_size < 1 or context_len < 1:
+            raise DataError(
+                f"batch_size and context_len must be >= 1, got {batch_size}, {context_len}"
+            )
+        self.n_starts = len(tokens) - context_len  # window w = tokens[s : s + context_len + 1]
+        if self.n_starts < 1:
+            raise DataError(
+                f"{len(tokens)} tokens are too few for one window of context_len + 1 = "
+                f"{context_len + 1} tokens; use a larger corpus or a smaller context_len"
+            )
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.context_len = context_len
+        self.seed = seed
+        self.step = 0  # batches drawn so far
+        self.pin_memory = pin_memory
+        self._generator = torch.Generator()
+        self._offsets = np.arange(context_len + 1)  # (T + 1,)
+
+    def __iter__(self) -> WindowSampler:
+        return self
+
+    def __next__(self) -> Batch:
+        self._generator.manual_seed(_step_seed(self.seed, self.step))
+        starts = torch.randint(self.n_starts, (self.batch_size,), generator=self._generator)
+        windows = self.tokens[starts.numpy()[:, None] + self._offsets]  # (B, T + 1)
+        self.step += 1
+        return _to_batch(windows[:, :-1], windows[:, 1:], self.pin_memory)
+
+    def state(self) -> dict[str, int]:
+        """The sampler's position, JSON-able: the next batch is a function of (seed, step)."""
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from a `state()`: the following batches equal those the saved sampler drew."""
+        seed, step = state.get("seed"), state.get("step")
+        if not (isinstance(seed, int) and isinstance(step, int) and step >= 0):
+            raise DataError(f"bad sampler state {state!r}: expected integers 'seed' and 'step'")
+        self.seed, self.step = seed, step
+
+
+def eval_batches(
+    tokens: np.ndarray,
+    batch_size: int,
+    context_len: int,
+    max_batches: int | None = None,
+    *,
+    pin_memory: bool = False,
+) -> Iterator[Batch]:
+    """Consecutive non-overlapping windows over `tokens`, in order, for evaluation.
+
+    Row r has inputs tokens[r*T : r*T + T] and targets shifted by one, so every token but the
+    first is a target exactly once. The last row is padded (inputs 0, targets IGNORE_INDEX), and
+    the last batch may have fewer rows. `max_batches` stops early (the first batches, always the
+    same ones). Yields Batch of (<= batch_size, context_len) int64 tensors.
+    """
+    T = context_len
+    if len(tokens) < 2:
+        raise DataError(f"{len(tokens)} tokens are too few to evaluate on (need at least 2)")
+    n_rows = -(-(len(tokens) - 1) // T)  # ceil: the last row may be partial
+    n_batches = -(-n_rows // batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    for b in range(n_batches):
+        rows = range(b * batch_size, min((b + 1) * batch_size, n_rows))
+        windows = np.full((len(rows), T + 1), IGNORE_INDEX, dtype=np.int64)  # (R, T + 1)
+        for i, r in enumerate(rows):
+            w = tokens[r * T : r * T + T + 1]
+            windows[i, : len(w)] = w
+        # Padded inputs must still be valid ids (0); their targets are IGNORE_INDEX.
+        yield _to_batch(np.maximum(windows[:, :-1], 0), windows[:, 1:], pin_memory)

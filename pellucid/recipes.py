@@ -1,0 +1,346 @@
+"""Named end-to-end runs built from the parts: `pretrain` (and `resume`) and `demo`.
+
+A run config only composes the sections that live beside their code: `model` (ModelConfig, with
+`model.preset=NAME` picking the starting point from PRESETS), `data` (DataConfig, here) and `train`
+(TrainConfig). A run directory ends up holding
+
+    config.json  tokenizer.json  metrics.jsonl  loss.png  report.md  checkpoints/step_*/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pellucid import config
+from pellucid.data.batches import WindowSampler, eval_batches
+from pellucid.data.shards import ENDOFTEXT, Shards, build_shards, corpus_hash, split_documents
+from pellucid.data.sources import Document, load_corpus
+from pellucid.errors import ConfigError
+from pellucid.files import atomic_write, pellucid_home
+from pellucid.infer.engine import Engine
+from pellucid.infer.sampling import SamplingParams
+from pellucid.model.config import PRESETS, ModelConfig
+from pellucid.model.transformer import Transformer
+from pellucid.tokenizer.bpe import Tokenizer
+from pellucid.tokenizer.formats import load_tokenizer
+from pellucid.train.metrics import PLOT_FILE, plot_curves, read_metrics
+from pellucid.train.objectives import lm_loss
+from pellucid.train.trainer import (
+    TrainConfig,
+    TrainState,
+    evaluate_objective,
+    seed_everything,
+    train,
+)
+from pellucid.weights.checkpoint import read_json
+
+log = logging.getLogger("pellucid")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """What to train on (the `data.*` keys)."""
+
+    corpus: str = "shakespeare"  # a corpus name, file, folder or glob (see data/sources.py)
+    tokenizer: str = "train"  # "train": a BPE trained on the train split (cached); or a path
+    vocab_size: int = 2048  # for tokenizer = "train", special tokens included
+    val_fraction: float = 0.1  # the last part of the concatenated text is validation
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole run: each part gets only its own section."""
+
+    model: ModelConfig = field(default_factory=lambda: dataclasses.replace(PRESETS["small"]))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# The demo: a model this small wins at a 5-minute CPU budget because it takes many more steps (see
+# bench/RESULTS.md for the sweep). Untied embeddings and a high peak lr helped; QK-norm was neutral.
+DEMO_MODEL = [
+    "model.n_embd=96", "model.n_layer=4", "model.n_head=3", "model.n_kv_head=3",
+    "model.ffn_dim=256", "model.context_len=256", "model.tie_embeddings=false",
+    "model.qk_norm=true", "model.dropout=0",
+]  # fmt: skip
+DEMO_TRAIN = [
+    "train.batch_size=8", "train.lr=5e-3", "train.min_lr=5e-4", "train.weight_decay=0.1",
+    "train.eval_batches=0", "train.checkpoint_every=0", "train.device=cpu", "train.dtype=float32",
+]  # fmt: skip
+DEMO_PROMPTS = ("\n", "KING.\n", "Enter ")
+_SAMPLING = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=160, seed=1234)
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    state: TrainState
+    samples: list[tuple[str, str]]  # (prompt, generated text)
+    val_bpb: float
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def load_run_config(
+    path: str | Path | None = None, assignments: list[str] | None = None
+) -> RunConfig:
+    """Defaults <- preset (`model.preset`, from the file or the overrides) <- TOML file <- key=value."""
+    data = _read_toml(path) if path is not None else {}
+    rest = list(assignments or [])
+    model = data.get("model")
+    preset = model.pop("preset", "small") if isinstance(model, dict) else "small"
+    for item in list(rest):
+        if item.split("=", 1)[0].strip() == "model.preset":
+            preset = item.split("=", 1)[1].strip()
+            rest.remove(item)
+    if preset not in PRESETS:
+        near = difflib.get_close_matches(preset, PRESETS, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(PRESETS)})"
+        raise ConfigError(f"unknown model preset '{preset}' for config key 'model.preset'{hint}")
+    base = RunConfig(model=dataclasses.replace(PRESETS[preset]))
+    merged = config.to_dict(base)
+    config._deep_update(merged, data)
+    return config.override(config.from_dict(RunConfig, merged), rest)
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    # config.load reads TOML too, but the preset has to be applied before the file's other keys.
+    try:
+        return config.tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except (config.tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def config_hash(run: RunConfig) -> str:
+    """sha256 of the resolved config as canonical JSON (the run's identity in its lineage)."""
+    return hashlib.sha256(json.dumps(config.to_dict(run), sort_keys=True).encode()).hexdigest()
+
+
+def default_run_dir(name: str = "") -> Path:
+    """./runs/<name>-<timestamp>."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / (f"{name}-{stamp}" if name else stamp)
+
+
+# --- data and tokenizer --------------------------------------------------------------------------
+
+
+def get_tokenizer(data: DataConfig, docs: list[Document]) -> Tokenizer:
+    """The configured tokenizer; "train" trains a BPE on the train split once and caches it."""
+    if data.tokenizer != "train":
+        return load_tokenizer(data.tokenizer)
+    key = hashlib.sha256(
+        json.dumps([corpus_hash(docs), data.vocab_size, data.val_fraction, ENDOFTEXT]).encode()
+    ).hexdigest()[:16]
+    path = pellucid_home() / "tokenizers" / key / "tokenizer.json"
+    if path.is_file():
+        return Tokenizer.load(path)
+    train_texts = [p.text for p in split_documents(docs, data.val_fraction)[0]]
+    log.info(
+        "training a %d-token BPE tokenizer on %s (cached afterwards) ...",
+        data.vocab_size,
+        data.corpus,
+    )
+    tokenizer = Tokenizer.train(train_texts, data.vocab_size, special_tokens=[ENDOFTEXT])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def _tokenizer_bytes(tokenizer: Tokenizer) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(Path(tmp) / "tokenizer.json")
+        return (Path(tmp) / "tokenizer.json").read_bytes()
+
+
+def _evaluator(shards: Shards, context_len: int, cfg: TrainConfig) -> Any:
+    """Validation loss, perplexity and bits per byte over the first `eval_batches` (0: all)."""
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        n = cfg.eval_batches or None
+        batches = eval_batches(shards.val, 4 * cfg.batch_size, context_len, n)
+        loss, _ = evaluate_objective(model, lm_loss, batches)
+        return {
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 50.0)),
+            "val_bpb": shards.bits_per_byte(loss),
+        }
+
+    return evaluate
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+
+def pretrain(run: RunConfig, out_dir: Path, *, resume: bool = False) -> RunResult:
+    """Train a language model from scratch (or continue `out_dir` when `resume`)."""
+    run_dir = Path(out_dir)
+    if not resume and ((run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()):
+        raise ConfigError(
+            f"{run_dir} already holds a run: pass --resume {run_dir} or another --out"
+        )
+    docs = load_corpus(run.data.corpus)
+    saved_tok = run_dir / "tokenizer.json"
+    tokenizer = (
+        Tokenizer.load(saved_tok)
+        if resume and saved_tok.is_file()
+        else get_tokenizer(run.data, docs)
+    )
+    shards = build_shards(docs, tokenizer, run.data.val_fraction)
+    run = dataclasses.replace(
+        run, model=dataclasses.replace(run.model, vocab_size=tokenizer.vocab_size)
+    )
+    seed_everything(run.train.seed)
+    model = Transformer(run.model)
+    sampler = WindowSampler(
+        shards.train, run.train.batch_size, run.model.context_len, run.train.seed
+    )
+    files = {
+        "config.json": json.dumps(config.to_dict(run), indent=1) + "\n",
+        "tokenizer.json": _tokenizer_bytes(tokenizer),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        atomic_write(run_dir / name, data)
+    log.info("run directory: %s (%s parameters)", run_dir, f"{model.num_params():,}")
+    t0 = time.perf_counter()
+    state = train(
+        model, lm_loss, sampler, run.train, run_dir,
+        evaluate=_evaluator(shards, run.model.context_len, run.train), resume=resume, files=files,
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    records = read_metrics(run_dir / "metrics.jsonl")
+    plot_curves(records, run_dir / PLOT_FILE)
+    samples = generate_samples(model.eval(), tokenizer, DEMO_PROMPTS)
+    val_bpb = state.last_eval.get("val_bpb", math.nan)
+    write_report(run_dir, run, state, shards, tokenizer, model, samples, wall)
+    return RunResult(run_dir, state, samples, val_bpb)
+
+
+def resume(run_dir: Path, assignments: list[str] | None = None) -> RunResult:
+    """Continue a run from its newest good checkpoint, with the config it was started with."""
+    run = config.from_dict(RunConfig, read_json(Path(run_dir) / "config.json"))
+    return pretrain(config.override(run, assignments or []), run_dir, resume=True)
+
+
+def generate_samples(
+    model: Transformer, tokenizer: Tokenizer, prompts: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    """One sampled continuation per prompt (temperature 0.8, top-k 50, fixed seed)."""
+    engine = Engine(model, tokenizer)
+    return [(p, engine.complete(tokenizer.encode(p), _SAMPLING).text) for p in prompts]
+
+
+def demo(minutes: float = 5.0, out_dir: Path | None = None) -> RunResult:
+    """`pellucid demo`: a tokenizer, then a small model trained on Shakespeare for `minutes` on the CPU.
+
+    The number of steps is set so that the cosine schedule ends when the time is up: a short
+    probe run measures the step time on this machine first.
+    """
+    if not 0.05 <= minutes <= 24 * 60:
+        raise ConfigError(f"--minutes must be between 0.05 and 1440, got {minutes}")
+    run = load_run_config(None, DEMO_MODEL + DEMO_TRAIN)
+    docs = load_corpus(run.data.corpus)
+    tokenizer = get_tokenizer(run.data, docs)
+    shards = build_shards(docs, tokenizer, run.data.val_fraction)
+    steps = _steps_for(minutes * 60, run, shards, tokenizer.vocab_size)
+    schedule = {
+        "max_steps": steps,
+        "warmup_steps": max(10, steps * 3 // 100),
+        "eval_every": max(1, steps // 4),
+        "log_every": max(1, steps // 20),
+    }
+    run = config.override(run, [f"train.{k}={v}" for k, v in schedule.items()])
+    return pretrain(run, out_dir or default_run_dir("demo"))
+
+
+def _steps_for(budget_s: float, run: RunConfig, shards: Shards, vocab_size: int) -> int:
+    """Steps that fit `budget_s` seconds: step time from a 12-step probe, minus the evaluations."""
+    model_cfg = dataclasses.replace(run.model, vocab_size=vocab_size)
+    probe_cfg = dataclasses.replace(
+        run.train, max_steps=12, eval_every=0, progress=False, warmup_steps=1
+    )
+    sampler = WindowSampler(shards.train, probe_cfg.batch_size, model_cfg.context_len, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        train(Transformer(model_cfg), lm_loss, sampler, probe_cfg, Path(tmp))
+        records = read_metrics(Path(tmp) / "metrics.jsonl")[4:]  # the first steps warm caches up
+    tokens_per_s = sorted(r["tokens_per_s"] for r in records)[len(records) // 2]
+    step_s = probe_cfg.batch_size * model_cfg.context_len / tokens_per_s
+    eval_s = 4 * len(shards.val) / (3 * tokens_per_s)  # 4 evaluations; a forward is ~1/3 of a step
+    steps = max(20, int((budget_s - eval_s) / step_s))
+    log.info(
+        "probe: %.0f ms per step -> %d steps for %.1f minutes", 1e3 * step_s, steps, budget_s / 60
+    )
+    return steps
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def write_report(
+    run_dir: Path, run: RunConfig, state: TrainState, shards: Shards, tokenizer: Tokenizer,
+    model: Transformer, samples: list[tuple[str, str]], wall_s: float,
+) -> None:  # fmt: skip
+    """report.md: a model card of the run (config, data, size, curves, samples, compute, lineage)."""
+    meta = shards.meta
+    bpt = meta["train_bytes"] / max(1, meta["train_tokens"])
+    ev = state.last_eval
+    tps = state.tokens / state.train_time_s if state.train_time_s else 0.0
+    cfg_json = json.dumps(config.to_dict(run), indent=1)
+    lines = [
+        f"# {run_dir.name}",
+        "",
+        "## Result",
+        f"- validation loss {ev.get('val_loss', math.nan):.4f} nats/token, perplexity "
+        f"{ev.get('val_ppl', math.nan):.2f}, **{ev.get('val_bpb', math.nan):.4f} bits per byte** "
+        f"after {state.step} steps",
+        f"- curves: ![loss and bits per byte]({PLOT_FILE}) (per-step numbers in `metrics.jsonl`)",
+        "",
+        "## Model",
+        f"- {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} "
+        "without embeddings)",
+        "",
+        "## Data and tokenizer",
+        f"- corpus `{run.data.corpus}`: {meta['train_bytes']:,} train bytes, {meta['val_bytes']:,} "
+        f"val bytes (the last {run.data.val_fraction:.0%})",
+        f"- tokenizer: {tokenizer.vocab_size} tokens, {bpt:.2f} bytes per token on the train split "
+        f"({meta['train_tokens']:,} train tokens)",
+        "",
+        "## Compute",
+        f"- {state.flops:.3g} FLOPs in {state.train_time_s:.0f} s of training steps "
+        f"({wall_s:.0f} s wall time with evaluation and checkpoints, this session)",
+        f"- {state.tokens:,} tokens, {tps:,.0f} tokens/s on {run.train.device} ({torch.get_num_threads()} threads)",
+        "",
+        "## Samples (temperature 0.8, top-k 50)",
+        *[f"**{p!r}** ->\n\n```\n{p}{text}\n```\n" for p, text in samples],
+        "## Lineage",
+        f"- parent checkpoint: {state.resumed_from or 'none (trained from scratch)'}",
+        f"- last checkpoint: {state.checkpoint}",
+        f"- config sha256: {config_hash(run)}",
+        f"- data: corpus sha256 {meta.get('corpus_sha256', '?')}, tokenizer sha256 "
+        f"{meta.get('tokenizer_sha256', '?')}, shards {meta.get('key', '?')[:16]}",
+        f"- command: `{' '.join(sys.argv)}`",
+        "",
+        "## Config",
+        f"```json\n{cfg_json}\n```",
+        "",
+    ]
+    atomic_write(run_dir / "report.md", "\n".join(lines))

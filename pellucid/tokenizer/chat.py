@@ -1,0 +1,187 @@
+"""Chat templates: a conversation (list of {role, content}) -> the text and ids the model was tuned on.
+
+Models ship their template as Jinja source (GGUF metadata `tokenizer.chat_template`, or
+`chat_template` in a Hugging Face `tokenizer_config.json`). We render it exactly as transformers'
+`apply_chat_template` does: a sandboxed Jinja environment with trim_blocks and lstrip_blocks, the
+variables `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, and the helpers
+`raise_exception`, `strftime_now` and a non-escaping `tojson`.
+
+    >>> t = ChatTemplate(CHATML)
+    >>> t.render([{"role": "user", "content": "Hi"}])
+    '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+
+Templates come from model files, so they are untrusted: the sandbox forbids attribute tricks, and
+every template failure becomes one TokenizerError line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from pellucid.errors import TokenizerError
+
+if TYPE_CHECKING:
+    from pellucid.tokenizer.bpe import Tokenizer
+
+# The fallback for models that carry no template (our own trained ones): ChatML, as SmolLM2 uses.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _raise_exception(message: str) -> NoReturn:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's own tojson escapes HTML characters; templates expect plain JSON (as transformers gives).
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise TokenizerError(f"chat template does not parse: {e}") from None
+
+
+def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Plain dicts with a known role and string content (templates index them directly)."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("content"), str):
+            raise TokenizerError(f"chat message {i} needs a string 'content', got {m!r:.80}")
+        if m.get("role") not in ROLES:
+            raise TokenizerError(
+                f"chat message {i} has role {m.get('role')!r}, expected one of {ROLES}"
+            )
+        out.append(dict(m))
+    return out
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A model's Jinja chat template and the special-token strings it may refer to."""
+
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+    def render(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+    ) -> str:
+        """The conversation as the model's prompt text; with add_generation_prompt, ready for
+        the assistant's reply."""
+        template = _compile(self.source)
+        try:
+            return template.render(
+                messages=_check_messages(messages),
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except jinja2.TemplateError as e:  # raise_exception(), sandbox violations, bad syntax use
+            raise TokenizerError(f"chat template failed: {str(e).splitlines()[0]}") from None
+
+    def encode(
+        self,
+        tokenizer: Tokenizer,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """render() then tokenize, special tokens in the template text becoming their ids.
+
+        Like transformers, this also turns special-token text typed inside a message into the
+        special token; callers that take text from strangers should strip it first.
+        """
+        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        return tokenizer.encode(text, allowed_special="all")
+
+
+def _token_text(value: Any) -> str:
+    """tokenizer_config.json gives special tokens as a string or as {"content": ...}."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else ""
+
+
+def from_hf_dir(folder: str | Path) -> ChatTemplate | None:
+    """The template of a Hugging Face model folder: `chat_template.jinja`, else the
+    `chat_template` of tokenizer_config.json (a string, or a list of named ones: "default").
+    None when the folder has neither."""
+    folder = Path(folder)
+    config_path = folder / "tokenizer_config.json"
+    try:
+        config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{config_path}: unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{config_path}: expected a JSON object")
+    source = config.get("chat_template")
+    if isinstance(
+        source, list
+    ):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, Mapping)}
+        source = named.get("default")
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        source = jinja_file.read_text("utf-8")
+    if not isinstance(source, str):
+        return None
+    bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+    return ChatTemplate(source, bos_token=bos, eos_token=eos)
+
+
+def from_gguf_metadata(metadata: Mapping[str, Any]) -> ChatTemplate | None:
+    """The template in GGUF metadata (`tokenizer.chat_template`), with the BOS/EOS token strings
+    looked up in `tokenizer.ggml.tokens`. None when the file carries no template."""
+    source = metadata.get("tokenizer.chat_template")
+    if not isinstance(source, str):
+        return None
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    tokens = tokens if isinstance(tokens, Sequence) else ()
+
+    def token(key: str) -> str:
+        i = metadata.get(key)
+        ok = isinstance(i, int) and 0 <= i < len(tokens) and isinstance(tokens[i], str)
+        return tokens[i] if ok else ""
+
+    return ChatTemplate(
+        source,
+        bos_token=token("tokenizer.ggml.bos_token_id"),
+        eos_token=token("tokenizer.ggml.eos_token_id"),
+    )

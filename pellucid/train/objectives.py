@@ -1,0 +1,71 @@
+"""Objectives: plain functions from (model, batch) to a summed loss, its target count and metrics.
+
+The trainer never knows which algorithm it runs; pretraining, SFT, reward modelling and DPO differ
+only in the objective they pass. Every objective returns the loss SUMMED over its targets (not the
+mean) together with the number of targets, so that the trainer can divide by the number of targets
+of the whole optimizer step, over all micro-batches (STYLE.md 3.4: the global valid-token rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from pellucid.data.batches import Batch
+
+IGNORE_INDEX = -100  # targets with this id carry no loss (padding, prompt tokens under SFT)
+
+
+@dataclass
+class LossOutput:
+    """What an objective returns for one micro-batch.
+
+    loss_sum: () float32 tensor with grad, the loss summed over `n_targets` targets.
+    n_targets: how many targets the sum covers (the trainer's normaliser).
+    metrics: extra numbers to log (already reduced to Python floats).
+    """
+
+    loss_sum: Tensor
+    n_targets: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+Objective = Callable[[nn.Module, "Batch"], LossOutput]
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> LossOutput:
+    """Next-token cross-entropy, summed over the targets that are not IGNORE_INDEX.
+
+    batch.inputs, batch.targets: (B, T) int64; targets are the inputs shifted left by one, with
+    IGNORE_INDEX where no loss is wanted. The model maps (B, T) ids to (B, T, V) logits.
+    """
+    logits = model(batch.inputs)  # (B, T, V)
+    # float32 for the softmax even under bf16 autocast: the log-sum-exp over a large vocab is
+    # where low precision hurts most.
+    loss_sum = F.cross_entropy(
+        logits.flatten(0, 1).float(),  # (B*T, V)
+        batch.targets.flatten(),  # (B*T,)
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return LossOutput(loss_sum, batch.n_targets)
+
+
+def sequence_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """Sum of the log-probabilities of each row's targets, skipping IGNORE_INDEX positions.
+
+    logits: (B, T, V); targets: (B, T) int64 with IGNORE_INDEX where a token does not count.
+    Returns (B,) float32. DPO compares these SUMS (not means) between chosen and rejected
+    completions, so a longer completion is not rewarded for its length by averaging.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    mask = targets != IGNORE_INDEX  # (B, T)
+    safe = targets.masked_fill(~mask, 0)  # any valid index; masked out below
+    picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (picked * mask).sum(dim=-1)

@@ -1,0 +1,395 @@
+"""The one training loop. Pretraining, SFT, reward modelling and DPO all run through `train`.
+
+Each optimizer step:
+
+    micro-batches  --objective-->  loss_sum / n_targets(step)  --backward-->  grads (accumulated)
+    grad norm (clip)  -->  finite?  --yes-->  AdamW step        --no-->  skip, weights unchanged
+
+The loss of every micro-batch is divided by the number of targets of the WHOLE step (summed over
+its micro-batches) before backward, so accumulation over k micro-batches equals one big batch and
+masked targets weigh the same wherever they fall (torchtitan's global valid-token rule).
+
+A step whose loss or gradient norm is not finite is skipped before `optimizer.step()` and logged
+as NaN/Inf; after `max_nonfinite` such steps in a row the run stops with TrainingError naming the
+step, and the last checkpoint stays the last good one. Resuming restores weights, optimizer
+moments, RNG states and the sampler position, so on CPU fp32 the resumed loss curve equals an
+uninterrupted run's bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from pellucid.errors import CheckpointError, ConfigError, TrainingError
+from pellucid.train.metrics import MetricsLog, ProgressBar, measure_peak_flops
+from pellucid.train.objectives import Objective
+from pellucid.train.optim import build_optimizer, lr_at, set_lr
+from pellucid.weights.checkpoint import (
+    latest_good,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_aside_after,
+    set_rng_state,
+)
+
+log = logging.getLogger("pellucid")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """How to train: schedule, batch, precision, evaluation, checkpoints (the `train.*` keys)."""
+
+    max_steps: int = 1000  # optimizer steps; the cosine schedule ends at the last one
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    min_lr: float = 1e-4  # where the cosine decay ends
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on matrices and embeddings only (see optim.py)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = (
+        1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
+    )
+    eval_every: int = 250  # steps between evaluations; 0: only at the end
+    eval_batches: int = 20  # batches per evaluation; 0: the whole validation split
+    checkpoint_every: int = 500  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, else fp32
+    compile: bool = False  # torch.compile the model (first steps are slow while it compiles)
+    max_nonfinite: int = 3  # consecutive non-finite steps before the run stops
+    log_every: int = 50  # steps between log lines when there is no progress bar
+    progress: bool = True  # show a progress bar when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "max_nonfinite")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"config key 'train.{name}' must be >= 1, got {getattr(self, name)}"
+                )
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "eval_batches"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"config key 'train.{name}' must be >= 0, got {getattr(self, name)}"
+                )
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(
+                f"config key 'train.min_lr' must be in [0, lr={self.lr}], got {self.min_lr}"
+            )
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved in every checkpoint's state.json and restored on resume."""
+
+    step: int = 0  # optimizer steps taken, skipped non-finite ones included
+    tokens: int = 0  # input tokens processed
+    flops: float = 0.0  # model FLOPs spent on training steps
+    train_time_s: float = 0.0  # wall time inside training steps (evaluation and saving excluded)
+    nonfinite_streak: int = 0
+    last_loss: float = math.nan
+    last_eval: dict[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None  # the newest checkpoint this run wrote or resumed from
+    resumed_from: str | None = None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices). Call once, before building the model."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda, else mps, else cpu; an unavailable explicit device is a ConfigError."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise ConfigError(f"config key 'train.device' is {name!r} but no such device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA, float32 elsewhere (CPUs without AMX run bf16 slower)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for bf16 (matmuls in bf16, reductions in fp32); a no-op for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def evaluate_objective(
+    model: nn.Module, objective: Objective, batches: Iterable[Any]
+) -> tuple[float, int]:
+    """Mean loss per target of `objective` over `batches` (no grad): returns (mean, n_targets)."""
+    device = next(model.parameters()).device
+    total, n = torch.zeros((), device=device), 0
+    with torch.no_grad():
+        for batch in batches:
+            out = objective(model, batch.to(device))
+            total += out.loss_sum.detach().float()
+            n += out.n_targets
+    return (total.item() / n if n else math.nan), n
+
+
+def _flops_per_token(model: nn.Module, context: int) -> float:
+    fn = getattr(model, "flops_per_token", None)
+    if fn is not None:
+        return float(fn(context))
+    return 6.0 * sum(p.numel() for p in model.parameters())  # the 6N rule without attention
+
+
+def _micro_step(
+    model: nn.Module,
+    objective: Objective,
+    micro: list[Any],
+    device: torch.device,
+    amp_dtype: torch.dtype,
+) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """Forward + backward of one optimizer step's micro-batches; returns (mean loss, targets, metrics)."""
+    n_step = sum(b.n_targets for b in micro)  # the global valid-token count of this step
+    if n_step == 0:
+        raise TrainingError("a training step has no targets (every target is -100)")
+    loss_sum = torch.zeros((), device=device)
+    metrics: dict[str, float] = {}
+    for batch in micro:
+        with autocast(device, amp_dtype):
+            out = objective(model, batch.to(device))
+        (out.loss_sum / n_step).backward()
+        loss_sum += out.loss_sum.detach().float()
+        for k, v in out.metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + v / len(micro)
+    return loss_sum / n_step, n_step, metrics
+
+
+def _clip(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients, () tensor; scales them down to `max_norm` when above it."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def train(
+    model: nn.Module,
+    objective: Objective,
+    batches: Iterator[Any],
+    cfg: TrainConfig,
+    run_dir: Path,
+    *,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    resume: bool = False,
+    files: dict[str, bytes | str] | None = None,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainState:
+    """Train `model` on `batches` with `objective` until `cfg.max_steps`; returns the final state.
+
+    batches: an iterator of Batch objects (inputs/targets (B, T) int64, `n_targets`, `to`); if it
+        has `state()` / `load_state(dict)` (the window sampler), its position is checkpointed.
+    evaluate: called every `cfg.eval_every` steps and at the end, in eval mode without grad,
+        returning e.g. {"val_loss": ..., "val_bpb": ...}; the numbers go into the metrics log.
+    resume: continue from the newest good checkpoint of `run_dir` (CheckpointError if none).
+    files: extra files stored in every checkpoint (config.json, tokenizer.json).
+    on_metrics: called with every metrics record (training steps and evaluations).
+    Writes `run_dir/metrics.jsonl` and `run_dir/checkpoints/step_*/`.
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_dtype(cfg.dtype, device)
+    model.to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    metrics = MetricsLog(run_dir)
+    state = _start(run_dir, model, optimizer, batches, metrics, cfg, resume)
+    forward = torch.compile(model) if cfg.compile else model
+    peak = measure_peak_flops(str(device), amp_dtype)
+    bar = ProgressBar(cfg.max_steps, state.step, cfg.progress)
+
+    def emit(record: dict[str, Any]) -> None:
+        metrics.write(record)
+        if on_metrics is not None:
+            on_metrics(record)
+
+    def save() -> None:
+        extra = {
+            "train_state": dataclasses.asdict(state),
+            "rng": rng_state(),
+            "sampler": batches.state() if hasattr(batches, "state") else None,
+        }
+        path = save_checkpoint(
+            run_dir, state.step, model, optimizer, extra, files, cfg.keep_checkpoints
+        )
+        state.checkpoint = str(path)
+
+    try:
+        with bar.running():
+            while state.step < cfg.max_steps:
+                record = _one_step(
+                    forward,
+                    objective,
+                    batches,
+                    optimizer,
+                    params,
+                    cfg,
+                    state,
+                    device,
+                    amp_dtype,
+                    peak,
+                )
+                emit(record)
+                bar.update(state.step, _progress_text(record))
+                if not bar.enabled and (
+                    state.step % cfg.log_every == 0 or state.step == cfg.max_steps
+                ):
+                    log.info("step %d/%d  %s", state.step, cfg.max_steps, _progress_text(record))
+                if state.nonfinite_streak >= cfg.max_nonfinite:
+                    raise TrainingError(
+                        f"stopped at step {state.step}: loss or gradients not finite for "
+                        f"{state.nonfinite_streak} steps in a row; last good checkpoint: "
+                        f"{state.checkpoint or 'none'}"
+                    )
+                last = state.step == cfg.max_steps
+                if evaluate is not None and (last or _due(state.step, cfg.eval_every)):
+                    emit(_evaluate(model, forward, evaluate, state, device, amp_dtype))
+                # Not while a non-finite streak runs: resuming there would walk into it again.
+                if (last or _due(state.step, cfg.checkpoint_every)) and not state.nonfinite_streak:
+                    save()
+    finally:
+        metrics.close()
+    return state
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _start(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[Any],
+    metrics: MetricsLog,
+    cfg: TrainConfig,
+    resume: bool,
+) -> TrainState:
+    """A fresh state (seeded from cfg.seed), or the state of the newest good checkpoint."""
+    if not resume:
+        # Dropout draws from the global generator: start it from the config's seed whatever
+        # ran before (model init, tokenizer training), so a run is reproducible from its config.
+        seed_everything(cfg.seed)
+        return TrainState()
+    path = latest_good(run_dir)
+    if path is None:
+        raise CheckpointError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    saved = load_checkpoint(path, model, optimizer)
+    state = TrainState(**saved["train_state"])
+    set_rng_state(saved["rng"])
+    if saved.get("sampler") is not None and hasattr(batches, "load_state"):
+        batches.load_state(saved["sampler"])
+    set_aside_after(run_dir, state.step)
+    metrics.truncate_after(state.step)  # the resumed run rewrites what came after
+    state.resumed_from = state.checkpoint = str(path)
+    log.info("resuming from %s (step %d)", path, state.step)
+    return state
+
+
+def _one_step(
+    model: nn.Module,
+    objective: Objective,
+    batches: Iterator[Any],
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    cfg: TrainConfig,
+    state: TrainState,
+    device: torch.device,
+    amp_dtype: torch.dtype,
+    peak: float,
+) -> dict[str, Any]:
+    """One optimizer step (skipped when non-finite); updates `state`, returns its metrics record."""
+    t0 = time.perf_counter()
+    lr = lr_at(state.step, cfg)
+    set_lr(optimizer, lr)
+    micro = [next(batches) for _ in range(cfg.grad_accum)]
+    loss_t, _, extra = _micro_step(model, objective, micro, device, amp_dtype)
+    norm_t = _clip(params, cfg.grad_clip)
+    loss, norm = loss_t.item(), norm_t.item()  # the one host sync of the step
+    finite = math.isfinite(loss) and math.isfinite(norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    tokens = sum(b.inputs.numel() for b in micro)
+    flops = _flops_per_token(model, micro[0].inputs.shape[-1]) * tokens
+    state.step += 1
+    state.tokens += tokens
+    state.flops += flops
+    state.train_time_s += dt
+    state.nonfinite_streak = 0 if finite else state.nonfinite_streak + 1
+    state.last_loss = loss
+    record = {
+        "step": state.step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": norm,
+        "tokens_per_s": tokens / dt,
+        "mfu": flops / dt / peak,
+        **extra,
+    }
+    if not finite:
+        record["skipped"] = True
+        log.warning(
+            "step %d: non-finite loss %s or grad norm %s; step skipped", state.step, loss, norm
+        )
+    return record
+
+
+def _evaluate(
+    model: nn.Module,
+    forward: nn.Module,
+    evaluate: Callable[[nn.Module], dict[str, float]],
+    state: TrainState,
+    device: torch.device,
+    amp_dtype: torch.dtype,
+) -> dict[str, Any]:
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(device, amp_dtype):
+            result = evaluate(forward)
+    finally:
+        model.train()
+    state.last_eval = dict(result)
+    parts = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+    log.info("step %d: %s", state.step, parts)
+    return {"step": state.step, **result}
+
+
+def _progress_text(record: dict[str, Any]) -> str:
+    return (
+        f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+        f"{record['tokens_per_s']:,.0f} tok/s  MFU {100 * record['mfu']:.1f}%"
+    )

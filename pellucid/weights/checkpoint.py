@@ -1,0 +1,333 @@
+"""Training checkpoints: safetensors for tensors, JSON for everything else, never pickle.
+
+A checkpoint is a folder `run_dir/checkpoints/step_000123/` holding
+
+    model.safetensors   the weights (a tied weight stored once; its aliases in the metadata)
+    optim.safetensors   AdamW moments and step counts, flattened to `state.<param>.<name>`
+    state.json          step, RNG states (as plain ints), sampler position, metrics tail, the
+                        optimizer's param groups
+    config.json         the resolved run config;  tokenizer.json: the tokenizer (when there is one)
+    manifest.json       sha256 and size of every file above, written LAST
+
+The folder is written under a temporary name and renamed into place only when complete, and each
+file inside is itself written atomically, so a kill at any moment leaves the previous checkpoint
+untouched and at most a `.tmp-*` folder that the next save removes. A checkpoint counts only if
+its manifest exists and every checksum matches: `latest_good` walks back from the newest one and
+warns about each it has to skip.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save
+from torch import Tensor, nn
+
+from pellucid.errors import CheckpointError, CheckpointWriteError, TrainingError, WeightsFormatError
+from pellucid.files import _fsync_dir, atomic_write, sha256_file
+from pellucid.weights.safety import check_finite, load_safetensors, read_safetensors_header
+
+log = logging.getLogger("pellucid")
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+FORMAT = "pellucid-checkpoint/1"
+REQUIRED = ("model.safetensors", "state.json")
+_NAME = re.compile(r"^step_(\d+)$")
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    getattr(errno, "EDQUOT", errno.ENOSPC): "no space left on device",  # over quota
+    errno.EFBIG: "file too large",
+}
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The complete-looking checkpoint folders of a run, oldest first (by step number)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+# --- what goes into the files ---------------------------------------------------------------------
+
+
+def model_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The model's state dict with each shared tensor kept once, plus {alias: kept name}.
+
+    Tied embeddings make `lm_head.weight` and the embedding the same tensor; safetensors stores
+    every tensor once, so the second name is recorded as an alias instead.
+    """
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to("cpu", copy=True).contiguous()
+    return tensors, aliases
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    """Flatten an optimizer state dict into named tensors and a JSON-safe rest."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], rest: dict
+) -> None:
+    """Inverse of `optimizer_tensors`: load the flattened state back into `optimizer`."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    for name, value in rest["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    groups = []
+    for saved, current in zip(rest["param_groups"], optimizer.param_groups, strict=True):
+        # JSON turned tuples (betas) into lists; give them back the type the optimizer uses.
+        groups.append(
+            {k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()}
+        )
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU, CUDA) generator states as JSON-safe ints and lists.
+
+    NumPy's state is taken as its dict form (`legacy=False`), never the `get_state()` tuple that
+    only pickle can carry.
+    """
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    out: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            **np_state,
+            "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]},
+        },
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = dict(state["numpy"])
+    key = np.array(np_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state({**np_state, "state": {"key": key, "pos": np_state["state"]["pos"]}})
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    files: dict[str, bytes | str] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` of `run_dir` atomically and keep only the newest `keep` ones.
+
+    `state` is any JSON-able dict (step, RNG, sampler...); `files` are extra files to include
+    verbatim (config.json, tokenizer.json). Refuses (TrainingError) to write non-finite tensors.
+    A failing write (disk full, file-size limit) raises CheckpointWriteError and leaves every
+    earlier checkpoint as it was.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step_{step:06d}"
+    weights, aliases = model_tensors(model)
+    optim, optim_rest = optimizer_tensors(optimizer) if optimizer is not None else ({}, None)
+    try:
+        check_finite(weights, "model")
+        check_finite(optim, "optimizer state")
+    except WeightsFormatError as e:
+        raise TrainingError(f"refusing to write checkpoint {final.name}: {e}") from None
+    payload: dict[str, bytes | str] = {
+        "model.safetensors": save(weights, metadata={"aliases": json.dumps(aliases)}),
+        "state.json": json.dumps({**state, "step": step, "optimizer": optim_rest}),
+        **(files or {}),
+    }
+    if optimizer is not None:
+        payload["optim.safetensors"] = save(optim)
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(root)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        tmp.mkdir()
+        for name, data in payload.items():
+            atomic_write(tmp / name, data)
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "files": {
+                n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size}
+                for n in payload
+            },
+        }
+        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        if final.exists():  # a stale or corrupt one of the same step: move it out of the way first
+            os.replace(final, root / f".trash-{final.name}-{os.getpid()}")
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = _WRITE_ERRORS.get(e.errno, e.strerror)
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {final}: {why}; the previous checkpoint is intact"
+        ) from None
+    _purge(root, keep)
+    return final
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Remove half-written (`.tmp-*`) and half-deleted (`.trash-*`) folders of killed runs."""
+    for p in root.iterdir():
+        if p.name.startswith((".tmp-", ".trash-")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _purge(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (renamed first, so a kill mid-way is harmless)."""
+    for old in checkpoint_dirs(root.parent)[: -max(1, keep)]:
+        trash = root / f".trash-{old.name}-{os.getpid()}"
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def set_aside_after(run_dir: Path, step: int) -> None:
+    """Rename checkpoints newer than `step` to `step_N.unusable` (a resume from `step` replaces them)."""
+    for p in checkpoint_dirs(run_dir):
+        if int(_NAME.match(p.name).group(1)) > step:
+            log.warning("setting aside %s: resuming from step %d", p, step)
+            os.replace(p, p.with_name(p.name + ".unusable"))
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Check a checkpoint folder against its manifest; returns the manifest or raises CheckpointError."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no {MANIFEST} (incomplete write)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST} ({e})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if manifest.get("format") != FORMAT or not isinstance(files, dict):
+        raise CheckpointError(f"{path}: {MANIFEST} is not a {FORMAT} manifest")
+    for name in REQUIRED:
+        if name not in files:
+            raise CheckpointError(f"{path}: manifest lists no {name}")
+    for name, info in files.items():
+        f = path / Path(name).name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if f.stat().st_size != info.get("bytes"):
+            raise CheckpointError(
+                f"{path}: {name} has {f.stat().st_size} bytes, expected {info.get('bytes')}"
+            )
+        if sha256_file(f) != info.get("sha256"):
+            raise CheckpointError(f"{path}: {name} fails its sha256 check")
+    return manifest
+
+
+def latest_good(run_dir: Path) -> Path | None:
+    """The newest checkpoint of `run_dir` that passes `verify`, warning about each newer bad one."""
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s; falling back to the previous one", e)
+    return None
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Load `path/model.safetensors` into `model` (all keys must match; aliases re-tied)."""
+    file = Path(path) / "model.safetensors"
+    try:
+        tensors = load_safetensors(file)
+        aliases = json.loads(read_safetensors_header(file)[1].get("aliases", "{}"))
+    except (WeightsFormatError, ValueError) as e:
+        raise CheckpointError(f"cannot load {file}: {e}") from None
+    tensors.update({alias: tensors[name] for alias, name in aliases.items() if name in tensors})
+    missing, unexpected = _key_diff(model, tensors)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file} does not fit the model: missing {missing}, unexpected {unexpected}"
+        )
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{file} does not fit the model: {str(e).splitlines()[-1].strip()}"
+        ) from None
+
+
+def _key_diff(model: nn.Module, tensors: dict[str, Tensor]) -> tuple[list[str], list[str]]:
+    want = set(model.state_dict())
+    return sorted(want - set(tensors)), sorted(set(tensors) - want)
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Load weights (and optimizer state) from checkpoint folder `path`; returns its state.json."""
+    path = Path(path)
+    load_model_weights(path, model)
+    state = read_json(path / "state.json")
+    if optimizer is not None:
+        if not (path / "optim.safetensors").is_file() or state.get("optimizer") is None:
+            raise CheckpointError(
+                f"{path} holds no optimizer state; cannot resume training from it"
+            )
+        try:
+            tensors = load_safetensors(path / "optim.safetensors")
+        except WeightsFormatError as e:
+            raise CheckpointError(f"cannot load the optimizer state: {e}") from None
+        restore_optimizer(optimizer, tensors, state["optimizer"])
+    return state
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file from a checkpoint, as CheckpointError when missing or malformed."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None

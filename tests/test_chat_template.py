@@ -1,0 +1,126 @@
+"""Chat templates render exactly as transformers' apply_chat_template renders them."""
+
+import json
+
+import pytest
+
+from pellucid.errors import TokenizerError
+from pellucid.tokenizer.chat import CHATML, ChatTemplate, from_gguf_metadata, from_hf_dir
+
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+# Llama-3 style: bos_token, whitespace control by trim/lstrip_blocks, namespace, loop controls.
+LLAMA3ISH = """{{ bos_token }}
+{% set ns = namespace(n=0) %}
+{% for message in messages %}
+    {% if message['role'] == 'tool' %}{% continue %}{% endif %}
+    {% set ns.n = ns.n + 1 %}
+    {{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
+{% endfor %}
+{% if add_generation_prompt %}
+    {{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{% endif %}
+{{ ns.n | tojson }} {{ {'k': '<&>'} | tojson }}{{ eos_token }}"""
+STRICT = (
+    "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('system must come first') }}{% endif %}{{ m['content'] }}|{% endfor %}"
+)
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "  Hi  "},
+        {"role": "assistant", "content": "Hello! <b>ok</b>"},
+        {"role": "tool", "content": "{}"},
+        {"role": "user", "content": "Unicode: café 日本 🙂"},
+    ],
+]
+
+
+def _hf_tokenizer(template):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", chat_template=template
+    )
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("source", [SMOLLM2, LLAMA3ISH, CHATML, STRICT])
+@pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_render_matches_transformers(source, conversation, add_generation_prompt):
+    messages = CONVERSATIONS[conversation]
+    hf = _hf_tokenizer(source)
+    expected = hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    ours = ChatTemplate(source, bos_token="<s>", eos_token="</s>")
+    assert ours.render(messages, add_generation_prompt=add_generation_prompt) == expected
+
+
+def test_raise_exception_and_sandbox_become_one_line_errors():
+    messages = [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]
+    with pytest.raises(TokenizerError, match="system must come first"):
+        ChatTemplate(STRICT).render(messages)
+    escape = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(TokenizerError, match="chat template failed"):
+        ChatTemplate(escape).render(messages[:1])
+    with pytest.raises(TokenizerError, match="does not parse"):
+        ChatTemplate("{% for %}").render(messages[:1])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[{"role": "user"}], [{"role": "wizard", "content": "x"}], ["hello"], [{"content": 3}]],
+)
+def test_bad_messages_rejected(bad):
+    with pytest.raises(TokenizerError, match="chat message 0"):
+        ChatTemplate(CHATML).render(bad)
+
+
+def test_templates_from_hf_folder_and_gguf_metadata(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": [{"name": "default", "template": SMOLLM2}],
+                "bos_token": {"content": "<s>"},
+                "eos_token": "</s>",
+            }
+        )
+    )
+    t = from_hf_dir(tmp_path)
+    assert t == ChatTemplate(SMOLLM2, bos_token="<s>", eos_token="</s>")
+    (tmp_path / "chat_template.jinja").write_text(CHATML)
+    assert from_hf_dir(tmp_path).source == CHATML
+    assert from_hf_dir(tmp_path / "missing") is None
+
+    meta = {
+        "tokenizer.chat_template": SMOLLM2,
+        "tokenizer.ggml.tokens": ["<unk>", "<|im_start|>", "<|im_end|>"],
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+    }
+    assert from_gguf_metadata(meta) == ChatTemplate(SMOLLM2, "<|im_start|>", "<|im_end|>")
+    assert from_gguf_metadata({**meta, "tokenizer.ggml.eos_token_id": 99}).eos_token == ""
+    assert from_gguf_metadata({}) is None
+
+
+def test_encode_turns_template_specials_into_ids():
+    class FakeTokenizer:
+        def encode(self, text, allowed_special=frozenset()):
+            assert allowed_special == "all"
+            return [len(text)]
+
+    messages = [{"role": "user", "content": "Hi"}]
+    text = ChatTemplate(CHATML).render(messages)
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert ChatTemplate(CHATML).encode(FakeTokenizer(), messages) == [len(text)]
