@@ -14,7 +14,8 @@ Why our own reader: every count and length in the header is attacker-controlled.
 package trusts them (a 100-byte file can ask for gigabytes, a 2^63-byte string reads as a short
 one). Here each declared size is checked against the bytes actually left in the file *before*
 anything is allocated, and every failure is one GGUFFormatError naming the field. Tensor data is
-not read here; callers memory-map it using the returned offsets.
+not read here (callers memory-map it using the returned offsets), but each tensor's type must be
+a known ggml type and its bytes must lie inside the file.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from pellucid.errors import GGUFFormatError
 
@@ -43,6 +46,7 @@ _SCALARS = {
     12: ("d", 8),  # FLOAT64
 }
 _STRING, _ARRAY = 8, 9
+_GGML_TYPES = frozenset(int(t) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES)
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,15 @@ class _Cursor:
         return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(count)]
 
 
+def tensor_nbytes(t: TensorInfo) -> int:
+    """Bytes of a tensor's data: whole blocks of its ggml type (Python ints: no wrap-around)."""
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(t.ggml_type)]
+    n = 1
+    for d in t.shape:
+        n *= d
+    return n // block * size
+
+
 def _tensor_info(cur: _Cursor, alignment: int) -> TensorInfo:
     name = cur.string("tensor name")
     n_dims = cur.u32(f"n_dims of tensor '{name}'")
@@ -141,6 +154,13 @@ def _tensor_info(cur: _Cursor, alignment: int) -> TensorInfo:
     if not all(0 < d < 1 << 62 for d in shape) or elements >= 1 << 62:
         raise cur.fail(f"tensor '{name}' has impossible shape {list(shape)}")
     ggml_type = cur.u32(f"type of tensor '{name}'")
+    if ggml_type not in _GGML_TYPES:
+        raise cur.fail(f"tensor '{name}' has unknown ggml type {ggml_type}")
+    block = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)][0]
+    if shape[0] % block:
+        raise cur.fail(
+            f"tensor '{name}' row length {shape[0]} is not a multiple of its block {block}"
+        )
     offset = cur.u64(f"offset of tensor '{name}'")
     if offset % alignment:
         raise cur.fail(
@@ -187,8 +207,12 @@ def parse_gguf(buf: mmap.mmap | bytes, where: str = "GGUF") -> GGUFFile:
         names.add(info.name)
         tensors.append(info)
     data_offset = -(-cur.pos // alignment) * alignment
-    if tensors and data_offset > len(buf):
-        raise cur.fail("the file ends before its tensor data section")
+    for t in tensors:
+        end = data_offset + t.offset + tensor_nbytes(t)
+        if end > len(buf):
+            raise cur.fail(
+                f"tensor '{t.name}' data ends at byte {end}, past the end of the {len(buf)}-byte file"
+            )
     return GGUFFile(version, metadata, tensors, alignment, data_offset)
 
 
