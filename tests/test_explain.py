@@ -321,3 +321,21 @@ def test_explain_train_cli(run_dir, capsys):
     assert cli.main(["explain-train", "--model", str(run_dir), "the cat sat"]) == 0
     assert "dropout" in capsys.readouterr().out
     assert cli.main(["explain-train", "--model", str(run_dir), "a"]) == 2
+
+
+def test_docs_list_every_key(data, step_data):
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "explain.md").read_text()
+    first, second = doc.split("## Schema `pellucid.explain-train/1`")
+
+    def keys(section):
+        rows = [line for line in section.splitlines() if line.startswith("| `")]
+        return {
+            k
+            for row in rows
+            for k in row.split("|")[1].replace("`", "").replace(" ", "").split(",")
+        }
+
+    assert keys(first) == set(data)
+    assert keys(second) == set(step_data[2])
