@@ -165,20 +165,22 @@ def build_tokenizer(
     where: str,
     **options: Any,
 ) -> Tokenizer:
-    """Token strings (GPT-2 byte alphabet, or plain text for specials) and string merges -> Tokenizer."""
+    """Token strings (GPT-2 byte alphabet, or plain text for specials) and string merges -> Tokenizer.
+
+    Every error names the file (`where`)."""
     vocab = []
-    for i, name in enumerate(names):
-        if not isinstance(name, str):
-            raise TokenizerError(f"{where}: token {i} is not a string")
-        vocab.append(name.encode("utf-8") if special.get(name) == i else str_to_bytes(name))
-    ids = {name: i for i, name in enumerate(names)}
     try:
-        id_merges = [(ids[a], ids[b]) for a, b in merges]
-    except KeyError as e:
-        raise TokenizerError(
-            f"{where}: a merge names {e.args[0]!r:.40}, which is not a token"
-        ) from None
-    return Tokenizer(vocab, id_merges, special, pattern, **options)
+        for i, name in enumerate(names):
+            if not isinstance(name, str):
+                raise TokenizerError(f"token {i} is not a string")
+            vocab.append(name.encode("utf-8") if special.get(name) == i else str_to_bytes(name))
+        ids = {name: i for i, name in enumerate(names)}
+        unknown = next((m for m in merges if m[0] not in ids or m[1] not in ids), None)
+        if unknown is not None:
+            raise TokenizerError(f"merge {unknown!r:.60} names a string that is not a token")
+        return Tokenizer(vocab, [(ids[a], ids[b]) for a, b in merges], special, pattern, **options)
+    except TokenizerError as e:
+        raise TokenizerError(f"{where}: {e}") from None
 
 
 def _token_id(value: Any, special: Mapping[str, int]) -> int | None:
