@@ -48,114 +48,42 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- tokenizer ------------------------------------------------------------------------------------
+# --- generate, chat and export --------------------------------------------------------------------
+
+_MODEL_HELP = (
+    "model name (default smollm2-135m-instruct), .gguf file, Hugging Face folder, run directory "
+    "or checkpoint"
+)
 
 
-def add_tokenizer(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer, or see text as tokens")
-    verbs = p.add_subparsers(dest="tokenizer_cmd", required=True)
-    t = verbs.add_parser("train", help="train on a corpus; writes OUT/tokenizer.json")
-    t.add_argument(
-        "--corpus", required=True, help="corpus name (shakespeare), file, folder or glob"
-    )
-    t.add_argument("--vocab-size", type=int, required=True, help="ids in all, specials included")
-    t.add_argument("--out", required=True, help="folder to write tokenizer.json into")
-    t.add_argument("--pattern", choices=["gpt2", "llama3", "smollm"], default="gpt2")
-    t.add_argument(
-        "--special", action="append", help="special token (repeatable; default <|endoftext|>)"
-    )
-    e = verbs.add_parser("encode", help="show each token of TEXT: its id, text and bytes")
-    e.add_argument("text", help="the text to encode")
-    e.add_argument("--tokenizer", required=True, help="tokenizer.json, run directory or .gguf")
-    e.add_argument(
-        "--allow-special", action="store_true", help="read special-token text as control tokens"
-    )
-    e.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(handler=cmd_tokenizer)
-
-
-def cmd_tokenizer(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
-
-    from pellucid.tokenizer.bpe import ENDOFTEXT, Tokenizer
-    from pellucid.tokenizer.formats import load_tokenizer
-    from pellucid.tokenizer.pretokenize import bytes_to_str
-
-    if args.tokenizer_cmd == "train":
-        from pellucid.data.sources import load_corpus
-
-        docs = load_corpus(args.corpus)
-        n_chars = sum(len(d.text) for d in docs)
-        logging.getLogger("pellucid").info(
-            "training a %d-token BPE on %s (%d documents, %s characters) ...",
-            args.vocab_size,
-            args.corpus,
-            len(docs),
-            f"{n_chars:,}",
-        )
-        start = time.perf_counter()
-        specials = args.special or [ENDOFTEXT]
-        tok = Tokenizer.train([d.text for d in docs], args.vocab_size, specials, args.pattern)
-        out = Path(args.out) / "tokenizer.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tok.save(out)
-        took = time.perf_counter() - start
-        print(f"{out}: {tok.vocab_size} tokens ({len(tok.merges)} merges) in {took:.1f} s")
-        return 0
-    tok = load_tokenizer(args.tokenizer)
-    ids = tok.encode(args.text, allowed_special="all" if args.allow_special else frozenset())
-    special = {i: s for s, i in tok.special_tokens.items()}
-    raw = [tok.token_bytes(i) for i in ids]
-    if args.json:
-        _emit_json(
-            {
-                "ids": ids,
-                "tokens": [
-                    special.get(i) or bytes_to_str(b) for i, b in zip(ids, raw, strict=True)
-                ],
-                "text": [b.decode("utf-8", errors="replace") for b in raw],
-                "bytes": [b.hex(" ") for b in raw],
-            }
-        )
-        return 0
-    print(f"{len(ids)} tokens for {len(args.text)} characters ({len(args.text.encode())} bytes)")
-    for i, b in zip(ids, raw, strict=True):
-        kind = " (special)" if i in special else ""
-        print(f"{i:>8}  {b.decode('utf-8', errors='replace')!r:<24} {b.hex(' ')}{kind}")
-    return 0
-
-
-# --- generate -------------------------------------------------------------------------------------
-
-
-def add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="continue a prompt with a model (streamed, or --json)")
-    p.add_argument("prompt", help="the prompt, as raw text")
-    p.add_argument("--model", required=True, help="run directory, HF directory, .gguf or name")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (argmax)")
+def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 means greedy (argmax)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
     p.add_argument("--top-p", type=float, help="sample from the smallest set reaching p")
     p.add_argument("--min-p", type=float, help="drop tokens below min-p x the best one's p")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty, 1 = off")
     p.add_argument("--seed", type=int, help="same seed, same text")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--top-logprobs", type=int, default=5, help="alternatives per step in --json")
-    p.add_argument("--json", action="store_true", help="print one JSON object, not streamed text")
-    p.set_defaults(handler=cmd_generate)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _load_for_text(spec: str | None) -> object:
+    """The model a spec names (the default one if none), which must have a tokenizer."""
     from pellucid.errors import TokenizerError
-    from pellucid.infer.engine import Engine
-    from pellucid.infer.sampling import SamplingParams
-    from pellucid.weights.resolve import load_model
+    from pellucid.weights.resolve import DEFAULT_MODEL, load
 
-    model, tokenizer = load_model(args.model)
-    if tokenizer is None:
-        raise TokenizerError(f"model '{args.model}' has no tokenizer.json to read the prompt")
-    params = SamplingParams(
+    loaded = load(spec or DEFAULT_MODEL)
+    if loaded.tokenizer is None:
+        raise TokenizerError(f"model '{spec}' has no tokenizer to read the prompt with")
+    return loaded
+
+
+def _sampling(args: argparse.Namespace, tokenizer: object, top_logprobs: int = 0) -> object:
+    from pellucid.infer.conversation import stop_token_ids
+    from pellucid.infer.sampling import SamplingParams
+
+    return SamplingParams(
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -164,10 +92,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         stop=args.stop,
-        stop_token_ids=[] if tokenizer.eos_id is None else [tokenizer.eos_id],
-        top_logprobs=args.top_logprobs if args.json else 0,
+        stop_token_ids=stop_token_ids(tokenizer),
+        top_logprobs=top_logprobs,
     )
-    engine, prompt_ids = Engine(model, tokenizer), tokenizer.encode(args.prompt)
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a model (streamed, or --json)")
+    p.add_argument("prompt", help="the prompt: raw text, or with --chat one user message")
+    _add_sampling(p, max_new_tokens=256, temperature=1.0)
+    p.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
+    p.add_argument("--system", help="system prompt for --chat (default: the template's own)")
+    p.add_argument("--top-logprobs", type=int, default=5, help="alternatives per step in --json")
+    p.add_argument("--json", action="store_true", help="print one JSON object, not streamed text")
+    p.set_defaults(handler=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pellucid.errors import ConfigError
+    from pellucid.infer.engine import Engine
+
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system needs --chat (without it the prompt is raw text)")
+    loaded = _load_for_text(args.model)
+    tokenizer = loaded.tokenizer
+    params = _sampling(args, tokenizer, args.top_logprobs if args.json else 0)
+    if args.chat:
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+        messages = [*system, {"role": "user", "content": args.prompt}]
+        prompt_ids = loaded.chat_template().encode(tokenizer, messages)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
+    engine = Engine(loaded.model, tokenizer)
     if not args.json:
         engine.complete(prompt_ids, params, on_text=lambda t: print(t, end="", flush=True))
         print()
@@ -197,6 +153,111 @@ def cmd_generate(args: argparse.Namespace) -> int:
             },
         }
     )
+    return 0
+
+
+def add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="talk with a model: multi-turn, streamed (/reset, /exit)")
+    _add_sampling(p, max_new_tokens=512, temperature=0.3)
+    p.add_argument("--system", help="system prompt (default: the chat template's own, if any)")
+    p.add_argument("--stats", action="store_true", help="tokens and speed of each reply, on stderr")
+    p.set_defaults(handler=cmd_chat)
+
+
+def _short(text: str, n: int = 40) -> str:
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= n else flat[: n - 3] + "...")
+
+
+def _drop_notice(dropped: list[dict[str, str]], context_len: int) -> None:
+    what = ", ".join(f"{m['role']} {_short(m['content'])}" for m in dropped)
+    print(
+        f"[the conversation no longer fits the {context_len}-token context: dropped the "
+        f"{len(dropped)} oldest message{'s' * (len(dropped) > 1)} ({what})]",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next line the user typed (None at end of input); a '> ' prompt only on a terminal."""
+    try:
+        return input("> " if interactive else "")
+    except EOFError:
+        return None
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from pellucid.infer.conversation import Conversation
+    from pellucid.infer.engine import Engine
+
+    loaded = _load_for_text(args.model)
+    engine = Engine(loaded.model, loaded.tokenizer)
+    chat = Conversation(engine, loaded.chat_template(), system=args.system)
+    params = _sampling(args, loaded.tokenizer)
+    ctx, interactive = engine.cfg.context_len, sys.stdin.isatty()
+    print(
+        f"pellucid chat: {loaded.source.name}, {loaded.model.num_params() / 1e6:.1f}M parameters, "
+        f"context {ctx} tokens. /reset starts over, /exit quits.",
+        file=sys.stderr,
+        flush=True,
+    )
+    while (line := _read_line(interactive)) is not None:
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            chat.reset()
+            print("[conversation reset]", file=sys.stderr, flush=True)
+            continue
+        if not command or command in ("/help", "/?"):
+            print("type a message; /reset starts over, /exit quits", file=sys.stderr)
+            continue
+        try:
+            turn = chat.say(
+                line,
+                params,
+                on_text=lambda t: print(t, end="", flush=True),
+                on_drop=lambda dropped: _drop_notice(dropped, ctx),
+            )
+        except PellucidError as e:
+            print(f"pellucid: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+            continue
+        print(flush=True)
+        if args.stats:
+            t = turn.completion.timing
+            print(
+                f"[prompt {turn.prompt_tokens} tokens, prefilled {t.prefill_tokens} "
+                f"({turn.prompt_tokens - t.prefill_tokens} reused from the cache); "
+                f"{len(turn.completion.ids)} tokens at {t.decode_tokens_per_s:.1f} tokens/s]",
+                file=sys.stderr,
+                flush=True,
+            )
+    return 0
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a model as a Hugging Face folder or a GGUF file")
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--format", choices=["hf", "gguf"], required=True)
+    p.add_argument("--out", required=True, help="folder (hf) or file (gguf) to write")
+    p.add_argument("--qtype", choices=["f32", "f16", "q8_0"], default="f32", help="GGUF type")
+    p.set_defaults(handler=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pellucid.weights.gguf import save_gguf
+    from pellucid.weights.hf import save_hf
+    from pellucid.weights.resolve import DEFAULT_MODEL, load
+
+    loaded = load(args.model or DEFAULT_MODEL)
+    template = loaded.template.source if loaded.template is not None else None
+    kwargs = {"tokenizer": loaded.tokenizer, "chat_template": template}
+    if args.format == "hf":
+        out = save_hf(loaded.model, args.out, **kwargs)
+    else:
+        out = save_gguf(loaded.model, args.out, qtype=args.qtype, **kwargs)
+    print(f"wrote {out} ({args.format}{'' if args.format == 'hf' else ', ' + args.qtype})")
     return 0
 
 
@@ -361,8 +422,9 @@ def cmd_explain_train(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_data,
-    add_tokenizer,
     add_generate,
+    add_chat,
+    add_export,
     add_train,
     add_demo,
     add_explain,

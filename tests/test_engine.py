@@ -427,7 +427,7 @@ def test_tiny_transformer_session_matches_fresh(tiny):
 
 @pytest.fixture
 def scripted_cli(monkeypatch):
-    """`pellucid generate` over a ScriptModel, with load_model stubbed out."""
+    """`pellucid generate` over a ScriptModel, with the model loader stubbed out."""
     import sys
     import types
 
@@ -435,7 +435,8 @@ def scripted_cli(monkeypatch):
     pieces = [b"lo", b" w\xc3", b"\xa9", b"!", b" STOP", b"x"]
     model = ScriptModel([tok.id_of(p) for p in pieces], prompt_len=3, vocab_size=tok.vocab_size)
     fake = types.ModuleType("pellucid.weights.resolve")
-    fake.load_model = lambda spec: (model, tok)
+    fake.DEFAULT_MODEL = "default"
+    fake.load = lambda spec: types.SimpleNamespace(model=model, tokenizer=tok)
     monkeypatch.setitem(sys.modules, "pellucid.weights.resolve", fake)
     return tok
 

