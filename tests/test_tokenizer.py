@@ -13,7 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pellucid.errors import ConfigError, DataError, TokenizerError
-from pellucid.tokenizer.bpe import Tokenizer, merge_long, merge_short
+from pellucid.tokenizer.bpe import (
+    Tokenizer,
+    batchable_ranks,
+    merge_long,
+    merge_repetitive,
+    merge_short,
+)
 from pellucid.tokenizer.pretokenize import BYTE_ORDER, bytes_to_str, split
 from pellucid.tokenizer.stream import StreamDecoder
 
@@ -84,13 +90,25 @@ def test_pre_tokenizers_split_like_hf(text):
         assert [bytes_to_str(p.encode()) for p in split(text, pattern)] == theirs, pattern
 
 
-def test_merge_short_and_long_agree():
-    rng = random.Random(0)
-    ranks = {(rng.randrange(12), rng.randrange(12)): r for r in range(40)}
-    merged = [12 + r for r in range(40)]
-    for _ in range(300):
-        ids = [rng.randrange(12) for _ in range(rng.randrange(1, 120))]
-        assert merge_long(list(ids), ranks, merged) == merge_short(list(ids), ranks, merged)
+@pytest.mark.parametrize("reuse", [False, True])
+def test_the_three_merge_loops_agree(reuse):
+    """Random merge tables; with `reuse`, merges may make a token that a lower rank uses (as a
+    vocabulary reaching one token by two merges does), so merges cannot all be applied at once."""
+    rng = random.Random(int(reuse))
+    for _ in range(200):
+        n_base, n_merges = rng.randrange(2, 6), rng.randrange(1, 30)
+        merges = [(rng.randrange(n_base + r), rng.randrange(n_base + r)) for r in range(n_merges)]
+        merged = [n_base + (rng.randrange(n_merges) if reuse else r) for r in range(n_merges)]
+        ranks = {pair: r for r, pair in enumerate(merges)}
+        batchable = batchable_ranks(merges, merged)
+        if not reuse:
+            assert all(batchable)
+        ids = [rng.randrange(n_base) for _ in range(rng.randrange(1, 300))]
+        expected = merge_short(list(ids), ranks, merged)
+        assert merge_long(list(ids), ranks, merged) == expected
+        for budget in (3, 1000):
+            got = merge_repetitive(list(ids), ranks, merges, merged, batchable, budget)
+            assert got == expected
 
 
 # --- losslessness (A13) ---------------------------------------------------------------------------
@@ -191,10 +209,12 @@ def test_pathological_lengths_take_about_linear_time(trained, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["a", "spaces", "cjk", "word"])
+@pytest.mark.parametrize("case", list(PATHOLOGICAL))
 def test_a_megabyte_in_one_piece_encodes_in_seconds(trained, case):
-    n = 200_000 if case == "word" else 1_000_000
-    assert _seconds(trained, PATHOLOGICAL[case](n)) < 15
+    """A14's sizes: 10^6 of one character, 200 k digits, a 200 KB word; < 2 s each on CI (a
+    looser bound here, for a machine shared with other jobs)."""
+    n = 200_000 if case in ("digits", "word") else 1_000_000
+    assert _seconds(trained, PATHOLOGICAL[case](n)) < 4
 
 
 # --- special tokens (A15) -------------------------------------------------------------------------
