@@ -79,6 +79,7 @@ DEMO_MODEL = [
 DEMO_TRAIN = [
     "train.batch_size=8", "train.lr=5e-3", "train.min_lr=5e-4", "train.weight_decay=0.1",
     "train.eval_batches=0", "train.checkpoint_every=0", "train.device=cpu", "train.dtype=float32",
+    "train.warmup_steps=50", "train.log_every=100",
 ]  # fmt: skip
 DEMO_PROMPTS = ("\n", "KING.\n", "Enter ")
 _SAMPLING = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=160, seed=1234)
@@ -252,44 +253,20 @@ def generate_samples(
 def demo(minutes: float = 5.0, out_dir: Path | None = None) -> RunResult:
     """`pellucid demo`: a tokenizer, then a small model trained on Shakespeare for `minutes` on the CPU.
 
-    The number of steps is set so that the cosine schedule ends when the time is up: a short
-    probe run measures the step time on this machine first.
+    The run is time-budgeted (`train.max_minutes`): the cosine schedule follows the clock and
+    ends when the time is up, however fast this machine (or however busy) turns out to be.
     """
     if not 0.05 <= minutes <= 24 * 60:
         raise ConfigError(f"--minutes must be between 0.05 and 1440, got {minutes}")
-    run = load_run_config(None, DEMO_MODEL + DEMO_TRAIN)
-    docs = load_corpus(run.data.corpus)
-    tokenizer = get_tokenizer(run.data, docs)
-    shards = build_shards(docs, tokenizer, run.data.val_fraction)
-    steps = _steps_for(minutes * 60, run, shards, tokenizer.vocab_size)
     schedule = {
-        "max_steps": steps,
-        "warmup_steps": max(10, steps * 3 // 100),
-        "eval_every": max(1, steps // 4),
-        "log_every": max(1, steps // 20),
+        "max_minutes": minutes,
+        "max_steps": 10**9,  # only the clock ends the run
+        "eval_every": 0,
+        "eval_every_minutes": minutes / 4,  # a validation curve of 4 points, plus the end
     }
+    run = load_run_config(None, DEMO_MODEL + DEMO_TRAIN)
     run = config.override(run, [f"train.{k}={v}" for k, v in schedule.items()])
     return pretrain(run, out_dir or default_run_dir("demo"))
-
-
-def _steps_for(budget_s: float, run: RunConfig, shards: Shards, vocab_size: int) -> int:
-    """Steps that fit `budget_s` seconds: step time from a 12-step probe, minus the evaluations."""
-    model_cfg = dataclasses.replace(run.model, vocab_size=vocab_size)
-    probe_cfg = dataclasses.replace(
-        run.train, max_steps=12, eval_every=0, progress=False, warmup_steps=1
-    )
-    sampler = WindowSampler(shards.train, probe_cfg.batch_size, model_cfg.context_len, seed=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        train(Transformer(model_cfg), lm_loss, sampler, probe_cfg, Path(tmp))
-        records = read_metrics(Path(tmp) / "metrics.jsonl")[4:]  # the first steps warm caches up
-    tokens_per_s = sorted(r["tokens_per_s"] for r in records)[len(records) // 2]
-    step_s = probe_cfg.batch_size * model_cfg.context_len / tokens_per_s
-    eval_s = 4 * len(shards.val) / (3 * tokens_per_s)  # 4 evaluations; a forward is ~1/3 of a step
-    steps = max(20, int((budget_s - eval_s) / step_s))
-    log.info(
-        "probe: %.0f ms per step -> %d steps for %.1f minutes", 1e3 * step_s, steps, budget_s / 60
-    )
-    return steps
 
 
 # --- report --------------------------------------------------------------------------------------

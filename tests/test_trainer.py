@@ -392,3 +392,105 @@ def test_measuring_the_peak_leaves_the_global_rng_alone():
     before = torch.get_rng_state()
     assert measure_peak_flops("cpu", torch.float32) > 1e8
     assert torch.equal(before, torch.get_rng_state())
+
+
+# --- time budget, clipping, devices, precision, compile -------------------------------------------
+
+
+class FakeClock:
+    """Stands in for `time` inside the trainer: every perf_counter() call advances 0.25 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 0.25
+        return self.now
+
+
+def test_lr_follows_the_clock_in_a_time_budgeted_run():
+    c = cfg(max_steps=10**6, warmup_steps=4, lr=1.0, min_lr=0.1, max_minutes=1.0)
+    assert lr_at(0, c, 0.0) == pytest.approx(0.25)  # warming up
+    assert lr_at(100, c, 0.0) == pytest.approx(1.0)
+    assert lr_at(100, c, 0.5) == pytest.approx(0.55)  # halfway through the time: halfway down
+    assert lr_at(5, c, 1.0) == pytest.approx(0.1) == lr_at(5, c, 1.7)
+
+
+def test_time_budget_ends_the_run_and_the_schedule(tmp_path, monkeypatch):
+    import pellucid.train.trainer as tr
+
+    monkeypatch.setattr(tr, "time", FakeClock())  # each step takes 0.25 s of fake time
+    evaluate = lambda m: {"val_loss": 1.0}  # noqa: E731
+    c = cfg(max_steps=10**6, max_minutes=0.1, eval_every_minutes=0.025, checkpoint_every=0)
+    state = train(
+        tiny_model(), lm_loss, windows(synthetic_tokens(), 4), c, tmp_path, evaluate=evaluate
+    )
+    assert state.step == 24 and state.train_time_s == pytest.approx(6.0)  # 6 s / 0.25 s
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    lrs = [r["lr"] for r in records if "lr" in r]
+    # the cosine ends with the time: the last step starts 1/24 of the budget before the end
+    assert c.min_lr < lrs[-1] < 1.05 * c.min_lr
+    assert all(a >= b for a, b in itertools.pairwise(lrs[c.warmup_steps - 1 :]))
+    assert [r["step"] for r in records if "val_loss" in r] == [6, 12, 18, 24]
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000024"]
+    with pytest.raises(ConfigError, match=r"train\.max_minutes"):
+        cfg(max_minutes=-1)
+    with pytest.raises(ConfigError, match=r"train\.eval_every_minutes"):
+        cfg(eval_every_minutes=math.nan)
+
+
+def test_clipping_scales_to_max_norm_and_reports_the_norm_before():
+    from pellucid.train.trainer import _clip
+
+    params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2))]
+    params[0].grad = torch.tensor([3.0, 0.0, 0.0])
+    params[1].grad = torch.tensor([[0.0, 4.0], [0.0, 0.0]])
+    norm = _clip(params, 1.0)
+    assert norm.item() == pytest.approx(5.0)
+    after = torch.cat([p.grad.flatten() for p in params]).norm().item()
+    assert after == pytest.approx(1.0, rel=1e-5)
+    params[0].grad, params[1].grad = torch.tensor([0.3, 0, 0]), torch.zeros(2, 2)
+    assert _clip(params, 1.0).item() == pytest.approx(0.3)  # below max_norm: untouched
+    assert params[0].grad[0].item() == pytest.approx(0.3)
+
+
+def test_optimizer_is_fused_on_cpu():
+    from pellucid.train.optim import build_optimizer
+
+    opt = build_optimizer(tiny_model(), cfg())
+    assert opt.defaults["fused"] is True
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg().weight_decay, 0.0]
+
+
+def test_device_resolution():
+    from pellucid.train.trainer import resolve_device, resolve_dtype
+
+    auto = resolve_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"train\.device.*'cuda'"):
+            resolve_device("cuda")
+    from pellucid.recipes import load_run_config
+
+    with pytest.raises(ConfigError, match=r"train\.device.*'tpu'"):
+        load_run_config(None, ["train.device=tpu"])
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    run(tmp_path / "fp32", max_steps=4, checkpoint_every=0)
+    run(tmp_path / "bf16", max_steps=4, checkpoint_every=0, dtype="bfloat16")
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert all(math.isfinite(x) for x in b) and b != a  # really ran in lower precision
+    assert b == pytest.approx(a, rel=0.05)  # and still trains the same model
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    # no dropout: compiled code draws its random masks differently
+    run(tmp_path / "eager", max_steps=3, checkpoint_every=0, model=tiny_model(dropout=0.0))
+    run(tmp_path / "compiled", max_steps=3, checkpoint_every=0, model=tiny_model(dropout=0.0),
+        compile=True)  # fmt: skip
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)

@@ -135,21 +135,22 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 
 
 class ProgressBar:
-    """A rich progress bar on stderr, showing loss, lr, tokens/s and MFU; a no-op when disabled.
+    """A rich progress bar on stderr, showing step, loss, lr, tokens/s and MFU; a no-op when disabled.
 
-    Disabled when stderr is not a terminal (logs, CI, tests) or when asked to be quiet; the
-    trainer then writes a log line every `log_every` steps instead.
+    `total` is in steps, or in seconds for a time-budgeted run. Disabled when stderr is not a
+    terminal (logs, CI, tests) or when asked to be quiet; the trainer then writes a log line
+    every `log_every` steps instead.
     """
 
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
+    def __init__(self, total: float, enabled: bool, start: float = 0) -> None:
         self.enabled = enabled and sys.stderr.isatty()
         self._bar = None
         if self.enabled:
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
-                MofNCompleteColumn,
                 Progress,
+                TaskProgressColumn,
                 TextColumn,
                 TimeElapsedColumn,
                 TimeRemainingColumn,
@@ -158,7 +159,7 @@ class ProgressBar:
             self._bar = Progress(
                 TextColumn("train"),
                 BarColumn(),
-                MofNCompleteColumn(),
+                TaskProgressColumn(),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 TextColumn("{task.fields[info]}"),
@@ -168,9 +169,9 @@ class ProgressBar:
             )
             self._task = self._bar.add_task("train", total=total, completed=start, info="")
 
-    def update(self, step: int, info: str) -> None:
+    def update(self, completed: float, info: str) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, info=info)
+            self._bar.update(self._task, completed=completed, info=info)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[ProgressBar]:

@@ -44,17 +44,26 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=True)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
     """Learning rate for the step with 0-based index `step`: linear warmup, then cosine to min_lr.
 
     Warmup rises linearly to `cfg.lr` over `warmup_steps` steps (the first step already uses
-    lr / warmup_steps, never 0); the cosine then falls from `cfg.lr` at the end of warmup to
-    `cfg.min_lr` at the last step, `max_steps - 1`.
+    lr / warmup_steps, never 0). By steps (`progress` None), the cosine then falls from `cfg.lr`
+    at the end of warmup to `cfg.min_lr` at the last step, `max_steps - 1`. A time-budgeted run
+    passes `progress`, the fraction of its time budget spent (0..1): the cosine follows the
+    clock instead, so it reaches `min_lr` exactly when the time is up, whatever the step rate.
     """
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if progress is not None:
+        return warm * _cosine(min(1.0, max(0.0, progress)), cfg)
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return cfg.lr * warm
     span = max(1, cfg.max_steps - 1 - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return _cosine(min(1.0, (step - cfg.warmup_steps) / span), cfg)
+
+
+def _cosine(progress: float, cfg: TrainConfig) -> float:
+    """cfg.lr at progress 0, falling along half a cosine to cfg.min_lr at progress 1."""
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 

@@ -54,6 +54,9 @@ class TrainConfig:
     """How to train: schedule, batch, precision, evaluation, checkpoints (the `train.*` keys)."""
 
     max_steps: int = 1000  # optimizer steps; the cosine schedule ends at the last one
+    # > 0: a time budget in minutes of training steps (evaluation and saving not counted). The run
+    # stops, and the cosine ends, when it is spent; max_steps then only caps the step count.
+    max_minutes: float = 0.0
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
@@ -66,6 +69,7 @@ class TrainConfig:
         1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
     )
     eval_every: int = 250  # steps between evaluations; 0: only at the end
+    eval_every_minutes: float = 0.0  # > 0: also evaluate after each such span of training time
     eval_batches: int = 20  # batches per evaluation; 0: the whole validation split
     checkpoint_every: int = 500  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
@@ -84,8 +88,9 @@ class TrainConfig:
                 raise ConfigError(
                     f"config key 'train.{name}' must be >= 1, got {getattr(self, name)}"
                 )
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "eval_batches"):
-            if getattr(self, name) < 0:
+        nonneg = ("warmup_steps", "eval_every", "checkpoint_every", "eval_batches", "max_minutes")
+        for name in (*nonneg, "eval_every_minutes"):
+            if not getattr(self, name) >= 0:  # NaN fails too
                 raise ConfigError(
                     f"config key 'train.{name}' must be >= 0, got {getattr(self, name)}"
                 )
@@ -93,6 +98,20 @@ class TrainConfig:
             raise ConfigError(
                 f"config key 'train.min_lr' must be in [0, lr={self.lr}], got {self.min_lr}"
             )
+
+    @property
+    def budget_s(self) -> float:
+        """The training-time budget in seconds (0: none, the run is counted in steps)."""
+        return 60.0 * self.max_minutes
+
+    def budget_fraction(self, state: TrainState) -> float | None:
+        """Fraction of the time budget spent (None for a run counted in steps)."""
+        return state.train_time_s / self.budget_s if self.budget_s else None
+
+    def finished(self, state: TrainState) -> bool:
+        """Whether the run is over: max_steps taken, or the time budget spent."""
+        spent = self.budget_s > 0 and state.train_time_s >= self.budget_s
+        return state.step >= self.max_steps or spent
 
 
 @dataclass
@@ -228,7 +247,7 @@ def train(
     state = _start(run_dir, model, optimizer, batches, metrics, cfg, resume)
     forward = torch.compile(model) if cfg.compile else model
     peak = measure_peak_flops(str(device), amp_dtype)
-    bar = ProgressBar(cfg.max_steps, state.step, cfg.progress)
+    bar = ProgressBar(cfg.budget_s or cfg.max_steps, cfg.progress, _bar_position(cfg, state))
 
     def emit(record: dict[str, Any]) -> None:
         metrics.write(record)
@@ -248,33 +267,22 @@ def train(
 
     try:
         with bar.running():
-            while state.step < cfg.max_steps:
-                record = _one_step(
-                    forward,
-                    objective,
-                    batches,
-                    optimizer,
-                    params,
-                    cfg,
-                    state,
-                    device,
-                    amp_dtype,
-                    peak,
-                )
+            while not cfg.finished(state):
+                before_s = state.train_time_s
+                step_args = (optimizer, params, cfg, state, device, amp_dtype, peak)
+                record = _one_step(forward, objective, batches, *step_args)
                 emit(record)
-                bar.update(state.step, _progress_text(record))
-                if not bar.enabled and (
-                    state.step % cfg.log_every == 0 or state.step == cfg.max_steps
-                ):
-                    log.info("step %d/%d  %s", state.step, cfg.max_steps, _progress_text(record))
+                last = cfg.finished(state)
+                bar.update(_bar_position(cfg, state), _progress_text(record))
+                if not bar.enabled and (_due(state.step, cfg.log_every) or last):
+                    log.info("%s", _progress_text(record))
                 if state.nonfinite_streak >= cfg.max_nonfinite:
                     raise TrainingError(
                         f"stopped at step {state.step}: loss or gradients not finite for "
                         f"{state.nonfinite_streak} steps in a row; last good checkpoint: "
                         f"{state.checkpoint or 'none'}"
                     )
-                last = state.step == cfg.max_steps
-                if evaluate is not None and (last or _due(state.step, cfg.eval_every)):
+                if evaluate is not None and (last or _eval_due(cfg, state, before_s)):
                     emit(_evaluate(model, forward, evaluate, state, device, amp_dtype))
                 # Not while a non-finite streak runs: resuming there would walk into it again.
                 if (last or _due(state.step, cfg.checkpoint_every)) and not state.nonfinite_streak:
@@ -282,6 +290,18 @@ def train(
     finally:
         metrics.close()
     return state
+
+
+def _bar_position(cfg: TrainConfig, state: TrainState) -> float:
+    """Where the progress bar stands: seconds of the time budget, or steps."""
+    return min(state.train_time_s, cfg.budget_s) if cfg.budget_s else state.step
+
+
+def _eval_due(cfg: TrainConfig, state: TrainState, before_s: float) -> bool:
+    """Every `eval_every` steps, and each time the training clock passes `eval_every_minutes`."""
+    every_s = 60.0 * cfg.eval_every_minutes
+    crossed = every_s > 0 and state.train_time_s // every_s > before_s // every_s
+    return _due(state.step, cfg.eval_every) or crossed
 
 
 def _due(step: int, every: int) -> bool:
@@ -332,7 +352,7 @@ def _one_step(
 ) -> dict[str, Any]:
     """One optimizer step (skipped when non-finite); updates `state`, returns its metrics record."""
     t0 = time.perf_counter()
-    lr = lr_at(state.step, cfg)
+    lr = lr_at(state.step, cfg, cfg.budget_fraction(state))
     set_lr(optimizer, lr)
     micro = [next(batches) for _ in range(cfg.grad_accum)]
     loss_t, _, extra = _micro_step(model, objective, micro, device, amp_dtype)
@@ -390,6 +410,6 @@ def _evaluate(
 
 def _progress_text(record: dict[str, Any]) -> str:
     return (
-        f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+        f"step {record['step']}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
         f"{record['tokens_per_s']:,.0f} tok/s  MFU {100 * record['mfu']:.1f}%"
     )
