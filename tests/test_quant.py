@@ -1,0 +1,170 @@
+"""Weight-only quantization: packing, the numba kernels, and the quality guard on SmolLM2."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from pellucid.errors import ConfigError
+from pellucid.infer.engine import Engine
+from pellucid.infer.quant import BLOCK, QuantLinear, pack_q4, pack_q8, quantize_model
+from pellucid.infer.sampling import SamplingParams
+from pellucid.model.config import PRESETS
+from pellucid.model.transformer import Transformer
+
+
+@pytest.fixture(scope="module")
+def linear():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40, bias=True)
+    with torch.no_grad():
+        lin.weight[3] = 0.0  # an all-zero row must not divide by zero
+    return lin
+
+
+def test_q8_blocks_by_hand():
+    w = torch.zeros(1, 32)
+    w[0, :4] = torch.tensor([1.27, -0.635, 0.01, 0.0])
+    q, s = pack_q8(w)
+    assert s[0, 0] == pytest.approx(0.01)
+    assert q[0, :4].tolist() == [127, -64, 1, 0]  # round(-63.5) = -64 (half to even)
+
+
+def test_q4_blocks_by_hand_and_nibble_layout():
+    w = torch.arange(32, dtype=torch.float32)[None] / 31 * 15 + 2.0  # min 2, max 17: d = 1
+    p, d, m = pack_q4(w)
+    assert d[0, 0] == pytest.approx(1.0) and m[0, 0] == pytest.approx(2.0)
+    q = [round(v) for v in (w[0] - 2).tolist()]
+    assert p[0, 0] == q[0] | (q[16] << 4)  # byte j: element j low, element j + 16 high
+    assert p[0, 15] == q[15] | (q[31] << 4)
+
+
+@pytest.mark.parametrize("mode", ["q8", "q4"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+def test_kernels_equal_the_dequantized_matmul(linear, mode, rows):
+    ql = QuantLinear(linear, mode)
+    x = torch.randn(rows, 96)
+    want = torch.nn.functional.linear(x, ql.dequantize(), linear.bias)
+    torch.testing.assert_close(ql(x), want, atol=1e-4, rtol=1e-4)
+    assert ql(x[None]).shape == (1, rows, 40)
+
+
+@pytest.mark.parametrize(("mode", "tol"), [("q8", 0.01), ("q4", 0.1)])
+def test_quantization_error_is_small(linear, mode, tol):
+    w = linear.weight.detach()
+    err = (QuantLinear(linear, mode).dequantize() - w).abs().max()
+    assert err <= tol * w.abs().max()
+
+
+def test_requantizing_q4_weights_is_exact():
+    # weights already on a q4 grid (what a Q4_1 GGUF dequantizes to) come back unchanged
+    torch.manual_seed(1)
+    q = torch.randint(0, 16, (8, 64)).float()
+    q[:, ::32] = 0
+    q[:, 1::32] = 15
+    d, m = torch.rand(8, 2, 1) + 0.1, torch.randn(8, 2, 1)
+    w = (q.view(8, 2, 32) * d + m).view(8, 64)
+    lin = torch.nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    torch.testing.assert_close(QuantLinear(lin, "q4").dequantize(), w, atol=1e-5, rtol=1e-5)
+
+
+def test_quantize_model_swaps_every_linear_and_keeps_the_head_8_bit():
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(PRESETS["tiny"], n_embd=64, vocab_size=256)).eval()
+    ids = torch.randint(0, 256, (2, 10))
+    ref = model(ids)
+    quantize_model(model, "q4")
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert model.lm_head.mode == "q8" and model.blocks[0].mlp.up_proj.mode == "q4"
+    out = model(ids)
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+    with pytest.raises(ConfigError, match="unknown quantization"):
+        quantize_model(model, "q3")
+
+
+def test_cached_decoding_with_quantized_weights_matches_uncached():
+    torch.manual_seed(0)
+    model = quantize_model(
+        Transformer(dataclasses.replace(PRESETS["tiny"], vocab_size=256)).eval(), "q8"
+    )
+    engine = Engine(model, None)
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    ids = engine.complete([5, 6, 7], params).ids
+    seq = [5, 6, 7]
+    for _ in range(12):  # uncached: the whole sequence every step, through the BLAS path
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert ids == seq[3:]
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        QuantLinear(torch.nn.Linear(40, 8), "q8")
+    assert BLOCK == 32
+
+
+@pytest.mark.slow
+def test_quality_guard_on_smollm2(real_home):
+    """Each fast mode: greedy text equals fp32's for 32 tokens on most of 16 prompts, and the
+    perplexity on held-out text is within 2% (q8) / 5% (q4) of fp32's."""
+    from pellucid.data.sources import load_corpus
+    from pellucid.tokenizer.formats import load_tokenizer
+    from pellucid.weights.gguf import load_gguf, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    tok = load_tokenizer(path)
+    prompts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time",
+        "The three laws of",
+        "In 1492, Columbus",
+        "Water boils at",
+        "My favourite recipe for",
+        "import numpy as np\n",
+        "The mitochondria is",
+        "To be, or not to be,",
+        "The quick brown fox",
+        "Photosynthesis is",
+        "List of prime numbers: 2, 3, 5,",
+        "Dear Sir or Madam,",
+        "The stock market",
+        "SELECT * FROM",
+    ]
+    text = "".join(d.text for d in load_corpus("shakespeare"))[-20_000:]
+    ids = torch.tensor([tok.encode(text)[:1024]])
+
+    def run(mode):
+        model = quantize_model(load_gguf(path).eval(), mode)
+        params = SamplingParams(temperature=0, max_new_tokens=32)
+        outs = [[] for _ in prompts]
+        for steps in Engine(model, tok).generate([tok.encode(p) for p in prompts], params):
+            for step in steps:  # batched decoding: one step per unfinished row
+                outs[step.row].append(step.id)
+        with torch.inference_mode():
+            nll = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
+        return outs, math.exp(nll.item())
+
+    ref, ppl = run("fp32")
+    fp32 = load_gguf(path).eval()
+    for mode, limit in (("q8", 0.02), ("q4", 0.05)):
+        outs, p = run(mode)
+        same = sum(a == b for a, b in zip(outs, ref, strict=True))
+        print(
+            f"{mode}: {same}/16 greedy outputs equal fp32's for 32 tokens; ppl {p:.4f} vs {ppl:.4f}"
+        )
+        assert same > 8, f"{mode}: only {same}/16 greedy outputs equal fp32's"
+        assert abs(p / ppl - 1) <= limit, f"{mode}: perplexity {p:.3f} vs fp32 {ppl:.3f}"
+        for prompt, a, b in zip(prompts, outs, ref, strict=True):
+            if a == b:
+                continue
+            # where they part, fp32's own top two must be nearly tied: a wrong top token is not
+            i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+            with torch.inference_mode():
+                logits = fp32(torch.tensor([tok.encode(prompt) + b[:i]]))[0, -1]
+            top2 = logits.topk(2).values
+            assert top2[0] - top2[1] < 0.5, (
+                f"{mode} differs at a clear fp32 choice: {prompt!r} step {i}"
+            )
