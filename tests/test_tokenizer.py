@@ -5,6 +5,7 @@ range), A14 (pathological lengths in about linear time) and A15 (special-token t
 All data is built here; nothing is downloaded.
 """
 
+import doctest
 import random
 import time
 
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pellucid.errors import ConfigError, DataError, TokenizerError
+from pellucid.tokenizer import bpe, pretokenize, stream
 from pellucid.tokenizer.bpe import (
     Tokenizer,
     batchable_ranks,
@@ -311,3 +313,9 @@ def test_a_byte_missing_from_the_vocabulary_is_an_error_not_a_loss():
 def test_inconsistent_vocabularies_refused(vocab, merges, special, words):
     with pytest.raises(TokenizerError, match=words):
         Tokenizer(vocab, merges, special)
+
+
+@pytest.mark.parametrize("module", [bpe, pretokenize, stream])
+def test_docstring_examples_hold(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0

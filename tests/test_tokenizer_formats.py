@@ -265,6 +265,11 @@ def test_tokenizer_from_gguf_metadata(tmp_path, trained, pattern):
         ({"skip": ["tokenizer.ggml.tokens"]}, "tokenizer.ggml.tokens"),
         ({"tokenizer.ggml.model": "llama"}, "'llama' is not supported"),
         ({"tokenizer.ggml.token_type": [1, 1]}, "differ in length"),
+        ({"tokenizer.ggml.token_type": ["x"] * 700}, "token_type must hold integers"),
+        ({"tokenizer.ggml.pre": ["smollm"]}, "unknown pre-tokenizer ['smollm']"),
+        ({"tokenizer.ggml.eos_token_id": 700}, "eos_token_id 700 is not a token id (0..699)"),
+        ({"tokenizer.ggml.tokens": ["a"] * 700}, "duplicate token"),
+        ({"tokenizer.ggml.merges": ["Ġnot_a_token x"]}, "not a token"),
     ],
 )
 def test_gguf_tokenizer_metadata_errors(tmp_path, trained, kwargs, words):

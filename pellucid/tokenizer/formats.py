@@ -168,13 +168,14 @@ def build_tokenizer(
     """Token strings (GPT-2 byte alphabet, or plain text for specials) and string merges -> Tokenizer.
 
     Every error names the file (`where`)."""
-    vocab = []
+    vocab, ids = [], {}
     try:
         for i, name in enumerate(names):
             if not isinstance(name, str):
                 raise TokenizerError(f"token {i} is not a string")
+            if ids.setdefault(name, i) != i:
+                raise TokenizerError(f"duplicate token {name!r:.60}: ids {ids[name]} and {i}")
             vocab.append(name.encode("utf-8") if special.get(name) == i else str_to_bytes(name))
-        ids = {name: i for i, name in enumerate(names)}
         unknown = next((m for m in merges if m[0] not in ids or m[1] not in ids), None)
         if unknown is not None:
             raise TokenizerError(f"merge {unknown!r:.60} names a string that is not a token")
@@ -259,24 +260,30 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], where: str = "GGUF
             f"{where}: tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')"
         )
     pre = metadata.get("tokenizer.ggml.pre", "default")
-    if pre not in _FROM_GGUF_PRE:
+    if not isinstance(pre, str) or pre not in _FROM_GGUF_PRE:
         raise TokenizerError(
-            f"{where}: unknown pre-tokenizer {pre!r}; supported: {sorted(_FROM_GGUF_PRE)}"
+            f"{where}: unknown pre-tokenizer {pre!r:.60}; supported: {sorted(_FROM_GGUF_PRE)}"
         )
     names = metadata.get("tokenizer.ggml.tokens")
     types = metadata.get("tokenizer.ggml.token_type") or [1] * len(names or [])
     merges = metadata.get("tokenizer.ggml.merges") or []
-    if not isinstance(names, list) or len(types) != len(names):
+    if not isinstance(names, list) or not isinstance(types, list) or len(types) != len(names):
         raise TokenizerError(
             f"{where}: tokenizer.ggml.tokens and token_type are missing or differ in length"
         )
+    if not all(type(t) is int for t in types):  # bool is an int subclass: refused too
+        raise TokenizerError(f"{where}: tokenizer.ggml.token_type must hold integers")
     special = {
-        n: i for i, (n, t) in enumerate(zip(names, types, strict=False)) if t in _GGUF_SPECIAL_TYPES
+        n: i for i, (n, t) in enumerate(zip(names, types, strict=True)) if t in _GGUF_SPECIAL_TYPES
     }
 
     def token_id(key: str) -> int | None:
         i = metadata.get(key)
-        return i if isinstance(i, int) and 0 <= i < len(names) else None
+        if i is not None and not (type(i) is int and 0 <= i < len(names)):
+            raise TokenizerError(
+                f"{where}: {key} {i!r:.40} is not a token id (0..{len(names) - 1})"
+            )
+        return i
 
     return build_tokenizer(
         names,

@@ -4,10 +4,13 @@ A token may hold part of a UTF-8 character (an emoji is 4 bytes, often split ove
 tokens). Decoding each token alone would print U+FFFD replacement marks mid-stream; instead the
 decoder keeps the incomplete tail of the byte stream until the character completes.
 
+    >>> from pellucid.tokenizer.bpe import Tokenizer
+    >>> tok = Tokenizer.train(["hi"], 257)               # byte tokens + one merge, 'hi'
     >>> dec = StreamDecoder(tok)
-    >>> [dec.push(i) for i in tok.encode("👋 hi")]      # e.g. ['', '👋', ' hi']
-    >>> dec.flush()                                      # whatever is left, U+FFFD if truncated
-    ''
+    >>> [dec.push(i) for i in tok.encode("👋 hi")]       # the emoji is 4 byte tokens
+    ['', '', '', '👋', ' ', 'hi']
+    >>> dec.push(tok.encode("👋")[0]), dec.flush()      # a truncated character ends as U+FFFD
+    ('', '\ufffd')
 
 Joining every push() and the final flush() gives exactly tokenizer.decode(all ids).
 """
