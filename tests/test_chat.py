@@ -3,6 +3,7 @@ tiny random Llama saved as GGUF / HF with a ChatML tokenizer (see test_resolve.p
 
 import io
 import json
+import logging
 import re
 
 import gguf
@@ -21,6 +22,16 @@ from pellucid.weights.hf import save_hf
 from pellucid.weights.resolve import load
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=6, stop_token_ids=[2])
+
+
+@pytest.fixture(autouse=True)
+def _drop_cli_log_handlers():
+    """cli.main binds a log handler to this test's captured stderr; remove it afterwards, so
+    that later tests do not log into a closed stream."""
+    yield
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+        root.removeHandler(h)
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +140,7 @@ def test_chat_cli_multi_turn_reset_and_exit(monkeypatch, capsys, gguf_file, tiny
 
 def test_chat_cli_says_what_it_dropped_when_the_context_is_full(monkeypatch, capsys, gguf_file):
     lines = [f"turn {i}: the quick brown fox jumps" for i in range(6)]
-    code, _, err = _run_chat(
-        monkeypatch, capsys, [*lines, "fox " * 200], "--model", str(gguf_file)
-    )
+    code, _, err = _run_chat(monkeypatch, capsys, [*lines, "fox " * 200], "--model", str(gguf_file))
     assert code == 0
     assert (
         "no longer fits the 96-token context: dropped the 2 oldest messages (user 'turn 0:" in err
@@ -244,3 +253,35 @@ def test_export_hf_loads_in_transformers_with_same_logits_and_tokenizer(
     assert hf_tok.apply_chat_template(messages, tokenize=False) == ChatTemplate(TEMPLATE).render(
         messages, add_generation_prompt=False
     )
+
+
+def test_interrupted_reply_withdraws_its_message_and_the_chat_goes_on(tiny):
+    chat = _chat(tiny)
+    first = chat.say("Paris is the capital", GREEDY)
+
+    def interrupt(text):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        chat.say("of France", GREEDY, on_text=interrupt)
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+    turn = chat.say("of France", GREEDY)  # as if the interrupted one never happened
+    fresh = _chat(tiny)
+    fresh.say("Paris is the capital", GREEDY)
+    assert turn.completion.ids == fresh.say("of France", GREEDY).completion.ids
+    assert first.completion.ids
+
+
+def test_nonfinite_weights_refused_unless_allowed(tmp_path, capsys, tiny):
+    _, tok = tiny
+    broken = tiny_model()
+    with torch.no_grad():
+        broken.blocks[0].mlp_norm.weight[3] = float("nan")
+    path = save_gguf(broken, tmp_path / "nan.gguf", tokenizer=tok)
+    args = ["generate", "hi", "--model", str(path), "--max-new-tokens", "2"]
+    args += ["--temperature", "0"]
+    assert main(args) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("pellucid: error:")]
+    assert len(errors) == 1 and "'blocks.0.mlp_norm.weight' has 1 NaN/Inf" in errors[0]
+    assert main([*args, "--allow-nonfinite"]) == 2  # loads, but a NaN model has no next token
+    assert "produced NaN logits" in capsys.readouterr().err

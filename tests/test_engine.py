@@ -7,6 +7,7 @@ tokens, for stop strings and UTF-8 chunking.
 """
 
 import codecs
+import logging
 
 import pytest
 import torch
@@ -18,6 +19,16 @@ from pellucid.infer.sampling import SamplingParams, apply_repetition_penalty, se
 from pellucid.model.config import PRESETS, ModelConfig
 
 EMOJI = "😀".encode()  # 4 bytes
+
+
+@pytest.fixture(autouse=True)
+def _drop_cli_log_handlers():
+    """cli.main binds a log handler to this test's captured stderr; remove it afterwards, so
+    that later tests do not log into a closed stream."""
+    yield
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+        root.removeHandler(h)
 
 
 class PieceTokenizer:
@@ -436,7 +447,7 @@ def scripted_cli(monkeypatch):
     model = ScriptModel([tok.id_of(p) for p in pieces], prompt_len=3, vocab_size=tok.vocab_size)
     fake = types.ModuleType("pellucid.weights.resolve")
     fake.DEFAULT_MODEL = "default"
-    fake.load = lambda spec: types.SimpleNamespace(model=model, tokenizer=tok)
+    fake.load = lambda spec, **options: types.SimpleNamespace(model=model, tokenizer=tok)
     monkeypatch.setitem(sys.modules, "pellucid.weights.resolve", fake)
     return tok
 

@@ -172,6 +172,8 @@ def test_names_never_open_a_file_outside_the_models_folder(isolated_home, tmp_pa
     models = isolated_home / "models"
     models.mkdir()
     (models / "sneaky").symlink_to(outside)
+    (models / "inner").mkdir()
+    (models / "inner" / "m.gguf").symlink_to(outside / "evil.gguf")
     opened, recording = [], [True]
 
     def audit(event, args):
@@ -180,7 +182,7 @@ def test_names_never_open_a_file_outside_the_models_folder(isolated_home, tmp_pa
 
     sys.addaudithook(audit)  # hooks cannot be removed: this one goes quiet at the end
     try:
-        for name in [*BAD_NAMES, "sneaky"]:
+        for name in [*BAD_NAMES, "sneaky", "inner"]:
             with pytest.raises(PellucidError) as err:
                 load(name, names_only=True)
             assert "\n" not in str(err.value)

@@ -125,7 +125,11 @@ class Conversation:
         prompt_text, ids, dropped = self._fit(reserve)
         if dropped and on_drop is not None:
             on_drop(dropped)
-        done = self.engine.complete(ids, params, session=self.session, on_text=on_text)
+        try:
+            done = self.engine.complete(ids, params, session=self.session, on_text=on_text)
+        except BaseException:  # e.g. Ctrl-C mid-reply: withdraw the message, keep the rest
+            self.messages.pop()
+            raise
         self.messages.append({"role": "assistant", "content": done.text})
         # The model has now seen the prompt and its reply token for token (a final stop token
         # included); the next turn's text must extend exactly this to reuse the cache.

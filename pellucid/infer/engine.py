@@ -97,6 +97,32 @@ class Completion:
     finish_reason: str
     timing: Timing
 
+    def to_dict(self) -> dict:
+        """As plain JSON-able data (what `generate --json` prints): ids, text, every step with
+        its top alternatives, and the timing."""
+        t = self.timing
+        return {
+            "prompt_ids": self.prompt_ids,
+            "ids": self.ids,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "steps": [
+                {
+                    "id": s.id,
+                    "text": s.text,
+                    "logprob": s.logprob,
+                    "top": [{"id": i, "logprob": lp} for i, lp in s.top],
+                }
+                for s in self.steps
+            ],
+            "timing": {
+                "prefill_tokens": t.prefill_tokens,
+                "prefill_tokens_per_s": t.prefill_tokens_per_s,
+                "decode_tokens": t.decode_tokens,
+                "decode_tokens_per_s": t.decode_tokens_per_s,
+            },
+        }
+
 
 def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
     """Split pending text into (emit now, hold back, stopped).
@@ -355,6 +381,11 @@ class Engine:
         self, state: _State, params: SamplingParams, gens: list[torch.Generator]
     ) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
         """Pick each row's next token; returns ids, their logprobs and the top alternatives."""
+        if bool(state.logits.isnan().any()):  # no distribution to sample from: say so, by name
+            raise PellucidError(
+                "the model produced NaN logits (non-finite weights or an overflow); "
+                "no token can be chosen"
+            )
         logprobs = torch.log_softmax(state.logits.float(), dim=-1)  # (B, V) the model's own
         logits = process_logits(state.logits, params, state.seen)
         if params.temperature == 0:

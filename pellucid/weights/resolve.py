@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from pellucid.tokenizer.chat import CHATML, ChatTemplate, from_gguf_metadata, fr
 from pellucid.tokenizer.formats import load_tokenizer_json, tokenizer_from_gguf_metadata
 from pellucid.weights.checkpoint import CHECKPOINTS, MANIFEST, latest_good, read_json, verify
 from pellucid.weights.gguf import SMOLLM2_NAME, load_gguf, smollm2_gguf_path
-from pellucid.weights.hf import load_hf
+from pellucid.weights.hf import MAX_JSON, load_hf
 from pellucid.weights.safety import (
     PICKLE_SUFFIXES,
     load_safetensors,
@@ -98,7 +99,12 @@ def resolve_name(name: str) -> Path:
         raise ConfigError(
             f"unknown model '{name}': built-in models are {known}; saved models live in {folder.parent}"
         )
-    return _model_in_folder(folder, name)
+    found = _model_in_folder(folder, name)
+    # The folder is checked by model_dir; a file inside it may still be a symlink that leaves.
+    root = os.path.realpath(folder.parent)
+    if os.path.commonpath([root, os.path.realpath(found)]) != root:
+        raise ConfigError(f"model '{name}' resolves outside the models folder {folder.parent}")
+    return found
 
 
 def resolve_path(spec: str | Path) -> Path:
@@ -140,10 +146,10 @@ def model_config(folder: Path) -> ModelConfig:
     return from_dict(ModelConfig, data["model"], "model.")
 
 
-def _load_checkpoint(path: Path, device: str | torch.device | None) -> LoadedModel:
+def _load_checkpoint(path: Path, device: str | torch.device | None, nonfinite: bool) -> LoadedModel:
     folder = checkpoint_folder(path)
     cfg = model_config(folder)
-    tensors = load_safetensors(folder / "model.safetensors")
+    tensors = load_safetensors(folder / "model.safetensors", allow_nonfinite=nonfinite)
     # A tied head is stored once (under tok_emb.weight); from_weights re-ties it.
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
@@ -153,27 +159,32 @@ def _load_checkpoint(path: Path, device: str | torch.device | None) -> LoadedMod
     return LoadedModel(model, tokenizer, None, folder, "checkpoint")
 
 
-def _load_gguf(path: Path, device: str | torch.device | None) -> LoadedModel:
+def _load_gguf(path: Path, device: str | torch.device | None, nonfinite: bool) -> LoadedModel:
     # Header first (0.2 s for SmolLM2): a bad tokenizer fails before any tensor is allocated.
     metadata = read_gguf(path).metadata
     tokenizer = None
     if "tokenizer.ggml.model" in metadata:
         tokenizer = tokenizer_from_gguf_metadata(metadata, path.name)
     template = from_gguf_metadata(metadata)
-    return LoadedModel(load_gguf(path, device=device).eval(), tokenizer, template, path, "gguf")
+    model = load_gguf(path, device=device, allow_nonfinite=nonfinite).eval()
+    return LoadedModel(model, tokenizer, template, path, "gguf")
 
 
-def _load_hf(folder: Path, device: str | torch.device | None) -> LoadedModel:
+def _load_hf(folder: Path, device: str | torch.device | None, nonfinite: bool) -> LoadedModel:
     tok_file = folder / "tokenizer.json"
     tokenizer = load_tokenizer_json(tok_file) if tok_file.is_file() else None
     template = from_hf_dir(folder)
-    return LoadedModel(load_hf(folder, device=device).eval(), tokenizer, template, folder, "hf")
+    model = load_hf(folder, device=device, allow_nonfinite=nonfinite).eval()
+    return LoadedModel(model, tokenizer, template, folder, "hf")
 
 
 def _is_hf_config(folder: Path) -> bool:
     """A transformers config.json names its architecture; a run's config.json has a `model` table."""
+    path = folder / "config.json"
     try:
-        c = json.loads((folder / "config.json").read_text("utf-8"))
+        if path.stat().st_size > MAX_JSON:
+            return True  # let load_hf refuse it, by name
+        c = json.loads(path.read_text("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return True  # let load_hf report what is wrong with it
     return isinstance(c, dict) and ("architectures" in c or "model_type" in c)
@@ -184,26 +195,28 @@ def load(
     *,
     names_only: bool = False,
     device: str | torch.device | None = None,
+    allow_nonfinite: bool = False,
 ) -> LoadedModel:
     """Load the model a spec names, in eval mode, with its tokenizer and chat template.
 
     names_only: accept only model names (for specs that come from requests, not the command
-    line). Every problem raises one PellucidError line naming the spec and the cause.
+    line). allow_nonfinite: load weights holding NaN/Inf instead of refusing them. Every problem
+    raises one PellucidError line naming the spec and the cause.
     """
     path = resolve_name(str(spec)) if names_only else resolve_path(spec)
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
             refuse_pickle(path)
         if path.suffix.lower() == ".gguf":
-            return _load_gguf(path, device)
+            return _load_gguf(path, device, allow_nonfinite)
         raise WeightsFormatError(f"{path.name}: not a model file (give {_KINDS})")
     if _is_checkpoint_like(path):
-        return _load_checkpoint(path, device)
+        return _load_checkpoint(path, device, allow_nonfinite)
     if (path / "config.json").is_file() and _is_hf_config(path):
-        return _load_hf(path, device)
+        return _load_hf(path, device, allow_nonfinite)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return _load_gguf(ggufs[0], device)
+        return _load_gguf(ggufs[0], device, allow_nonfinite)
     pickles = sorted(p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         refuse_pickle(pickles[0])
