@@ -73,11 +73,11 @@ class RunConfig:
 # bench/RESULTS.md for the sweep). Untied embeddings and a high peak lr helped; QK-norm was neutral.
 DEMO_MODEL = [
     "model.n_embd=96", "model.n_layer=4", "model.n_head=3", "model.n_kv_head=3",
-    "model.ffn_dim=256", "model.context_len=256", "model.tie_embeddings=false",
+    "model.ffn_dim=256", "model.context_len=128", "model.tie_embeddings=false",
     "model.qk_norm=true", "model.dropout=0",
 ]  # fmt: skip
 DEMO_TRAIN = [
-    "train.batch_size=8", "train.lr=5e-3", "train.min_lr=5e-4", "train.weight_decay=0.1",
+    "train.batch_size=16", "train.lr=5e-3", "train.min_lr=5e-4", "train.weight_decay=0.1",
     "train.eval_batches=0", "train.checkpoint_every=0", "train.device=cpu", "train.dtype=float32",
     "train.warmup_steps=50", "train.log_every=100",
 ]  # fmt: skip
