@@ -78,11 +78,27 @@ def test_quantize_model_swaps_every_linear_and_keeps_the_head_8_bit():
     ref = model(ids)
     quantize_model(model, "q4")
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert model.lm_head.mode == "q8" and model.blocks[0].mlp.up_proj.mode == "q4"
+    assert model.lm_head.mode == "q8" and model.blocks[0].mlp.down_proj.mode == "q4"
+    attn = model.blocks[0].attn
+    assert attn.q_proj.fused is attn.k_proj.fused is attn.v_proj.fused  # one matrix, one call
+    assert model.blocks[0].mlp.gate_proj.fused.mode == "q4"
     out = model(ids)
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
     with pytest.raises(ConfigError, match="unknown quantization"):
         quantize_model(model, "q3")
+
+
+def test_fused_parts_equal_separate_projections_and_never_go_stale():
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(64, n) for n in (32, 16, 16)]
+    from pellucid.infer.quant import FusedPart
+
+    fused = QuantLinear(lins, "q8")
+    parts = [FusedPart(fused, a, b) for a, b in ((0, 32), (32, 48), (48, 64))]
+    for _ in range(2):
+        x = torch.randn(1, 3, 64)  # a new input each time: the shared product must follow it
+        for lin, part in zip(lins, parts, strict=True):
+            torch.testing.assert_close(part(x), QuantLinear(lin, "q8")(x), atol=1e-5, rtol=1e-5)
 
 
 def test_cached_decoding_with_quantized_weights_matches_uncached():
