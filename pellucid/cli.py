@@ -219,7 +219,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="talk with a model: multi-turn, streamed (/reset, /exit)")
-    _add_sampling(p, max_new_tokens=512, temperature=0.3)
+    # Greedy by default: a small model's first token is often a near-even spread (SmolLM2-135M
+    # gives "The" 15%, "L" 14%, "La" 10% for the capital of France), and sampling wanders off.
+    _add_sampling(p, max_new_tokens=512, temperature=0.0)
     p.add_argument("--system", help="system prompt (default: the chat template's own, if any)")
     p.add_argument("--stats", action="store_true", help="tokens and speed of each reply, on stderr")
     p.set_defaults(handler=cmd_chat)
