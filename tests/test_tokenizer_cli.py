@@ -13,8 +13,10 @@ from pellucid.tokenizer.formats import load_tokenizer
 
 @pytest.fixture(autouse=True)
 def root_handlers():
-    """cli.main installs a root log handler on the captured stderr; take it away afterwards."""
+    """cli.main installs a root log handler on the captured stderr; take it away afterwards.
+    Start without root handlers too: one left by an earlier test may point at a closed stream."""
     saved = logging.root.handlers[:]
+    logging.root.handlers[:] = []
     yield
     logging.root.handlers[:] = saved
 
@@ -117,6 +119,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, corpus, capsys):
     empty.write_text("")
     train = ["tokenizer", "train", "--out", str(tmp_path / "o")]
     cases = [
+        ([*train[:-1], str(corpus), "--corpus", str(corpus), "--vocab-size", "300"], "is a file"),
         ([*train, "--corpus", str(empty), "--vocab-size", "300"], "is empty"),
         ([*train, "--corpus", str(corpus), "--vocab-size", "200"], "vocab_size 200 is too small"),
         ([*train, "--corpus", str(tmp_path / "nope.txt"), "--vocab-size", "300"], "nope.txt"),
