@@ -137,8 +137,15 @@ _MODEL_HELP = (
 )
 
 
-def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
+def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument(
+        "--allow-nonfinite", action="store_true", help="load weights even if they hold NaN/Inf"
+    )
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
+    _add_model(p)
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=temperature, help="0 means greedy (argmax)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
@@ -149,14 +156,14 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int, temperature: 
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _load_for_text(spec: str | None) -> object:
-    """The model a spec names (the default one if none), which must have a tokenizer."""
+def _load(args: argparse.Namespace, need_tokenizer: bool = True) -> object:
+    """The model --model names (the default one if none), with a tokenizer if needed."""
     from pellucid.errors import TokenizerError
     from pellucid.weights.resolve import DEFAULT_MODEL, load
 
-    loaded = load(spec or DEFAULT_MODEL)
-    if loaded.tokenizer is None:
-        raise TokenizerError(f"model '{spec}' has no tokenizer to read the prompt with")
+    loaded = load(args.model or DEFAULT_MODEL, allow_nonfinite=args.allow_nonfinite)
+    if need_tokenizer and loaded.tokenizer is None:
+        raise TokenizerError(f"model '{args.model}' has no tokenizer to read the prompt with")
     return loaded
 
 
@@ -195,7 +202,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.system is not None and not args.chat:
         raise ConfigError("--system needs --chat (without it the prompt is raw text)")
-    loaded = _load_for_text(args.model)
+    loaded = _load(args)
     tokenizer = loaded.tokenizer
     params = _sampling(args, tokenizer, args.top_logprobs if args.json else 0)
     if args.chat:
@@ -209,37 +216,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         engine.complete(prompt_ids, params, on_text=lambda t: print(t, end="", flush=True))
         print()
         return 0
-    done = engine.complete(prompt_ids, params)
-    t = done.timing
-    _emit_json(
-        {
-            "prompt_ids": done.prompt_ids,
-            "ids": done.ids,
-            "text": done.text,
-            "finish_reason": done.finish_reason,
-            "steps": [
-                {
-                    "id": s.id,
-                    "text": s.text,
-                    "logprob": s.logprob,
-                    "top": [{"id": i, "logprob": lp} for i, lp in s.top],
-                }
-                for s in done.steps
-            ],
-            "timing": {
-                "prefill_tokens": t.prefill_tokens,
-                "prefill_tokens_per_s": t.prefill_tokens_per_s,
-                "decode_tokens": t.decode_tokens,
-                "decode_tokens_per_s": t.decode_tokens_per_s,
-            },
-        }
-    )
+    _emit_json(engine.complete(prompt_ids, params).to_dict())
     return 0
 
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="talk with a model: multi-turn, streamed (/reset, /exit)")
-    _add_sampling(p, max_new_tokens=512, temperature=0.3)
+    # Greedy by default: a small model's first token is often a near-even spread (SmolLM2-135M
+    # gives "The" 15%, "L" 14%, "La" 10% for the capital of France), and sampling wanders off.
+    _add_sampling(p, max_new_tokens=512, temperature=0.0)
     p.add_argument("--system", help="system prompt (default: the chat template's own, if any)")
     p.add_argument("--stats", action="store_true", help="tokens and speed of each reply, on stderr")
     p.set_defaults(handler=cmd_chat)
@@ -272,7 +257,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from pellucid.infer.conversation import Conversation
     from pellucid.infer.engine import Engine
 
-    loaded = _load_for_text(args.model)
+    loaded = _load(args)
     engine = Engine(loaded.model, loaded.tokenizer)
     chat = Conversation(engine, loaded.chat_template(), system=args.system)
     params = _sampling(args, loaded.tokenizer)
@@ -304,6 +289,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except PellucidError as e:
             print(f"pellucid: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat (at the prompt: quits)
+            print("\n[reply interrupted; that message was withdrawn]", file=sys.stderr, flush=True)
+            continue
         print(flush=True)
         if args.stats:
             t = turn.completion.timing
@@ -319,7 +307,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a model as a Hugging Face folder or a GGUF file")
-    p.add_argument("--model", help=_MODEL_HELP)
+    _add_model(p)
     p.add_argument("--format", choices=["hf", "gguf"], required=True)
     p.add_argument("--out", required=True, help="folder (hf) or file (gguf) to write")
     p.add_argument("--qtype", choices=["f32", "f16", "q8_0"], default="f32", help="GGUF type")
@@ -329,9 +317,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from pellucid.weights.gguf import save_gguf
     from pellucid.weights.hf import save_hf
-    from pellucid.weights.resolve import DEFAULT_MODEL, load
 
-    loaded = load(args.model or DEFAULT_MODEL)
+    loaded = _load(args, need_tokenizer=False)
     template = loaded.template.source if loaded.template is not None else None
     kwargs = {"tokenizer": loaded.tokenizer, "chat_template": template}
     if args.format == "hf":
