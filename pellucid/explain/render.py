@@ -66,16 +66,21 @@ def terminal(data: dict[str, Any], console: Console) -> None:
         console.print(
             f"2. positions: {p['scheme']}; position vector norms {[round(n, 2) for n in p['norms']]}"
         )
-    t = Table(title="3. attention: what the last token looks at (top 3 per head)")
-    t.add_column("layer")
-    for h in data["attention"][0]["heads"]:
-        t.add_column(f"head {h['head']}")
+    t = Table(title="3. attention: what the last token looks at (every head: --json, --html)")
+    for col in ("layer", "mean over heads: top 3", "sharpest head: its top token"):
+        t.add_column(col)
+    tokens = [_show(x["text"]) for x in data["tokens"]]
     for layer in data["attention"]:
-        cells = [
-            "  ".join(f"{_show(x['text'])}:{x['weight']:.2f}" for x in h["top_last"])
-            for h in layer["heads"]
-        ]
-        t.add_row(str(layer["layer"]), *cells)
+        heads = layer["heads"]
+        mean = [sum(h["weights"][-1][i] for h in heads) / len(heads) for i in range(len(tokens))]
+        top = sorted(range(len(tokens)), key=mean.__getitem__, reverse=True)[:3]
+        sharp = max(heads, key=lambda h: h["top_last"][0]["weight"])
+        best = sharp["top_last"][0]
+        t.add_row(
+            str(layer["layer"]),
+            "  ".join(f"{tokens[i]} {mean[i]:.2f}" for i in top),
+            f"head {sharp['head']}: {_show(best['text'])} {best['weight']:.2f}",
+        )
     console.print(t)
     t = Table(title="4. logit lens: the prediction after each layer")
     t.add_column("after")
