@@ -13,6 +13,8 @@ import time
 import gguf
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pellucid.errors import GGUFFormatError
 from pellucid.gguf_reader import parse_gguf, read_gguf
@@ -225,3 +227,33 @@ def test_custom_alignment_is_honoured(tmp_path):
     f = parse_gguf(blob)
     assert f.alignment == 64 and f.data_offset % 64 == 0
     assert [t.offset for t in f.tensors] == [0, 64]
+
+
+RICH = build(
+    [
+        *GOOD_KVS,
+        kv("s", STR, s("héllo")),
+        kv("tokens", ARR, struct.pack("<IQ", STR, 3) + s("a") + s("Ġb") + s("")),
+        kv("ids", ARR, struct.pack("<IQ", I32, 3) + struct.pack("<3i", 1, -2, 3)),
+        kv("pi", F64, struct.pack("<d", 3.14)),
+        u32("general.alignment", 32),
+    ],
+    [GOOD_TENSOR, tensor("q", [32, 2], ggml_type=8, offset=64)],  # Q8_0: 2 blocks of 34 bytes
+    data=bytes(64 + 68),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_files_raise_only_format_errors(data):
+    """A5 in small: random byte edits and cuts of a valid file either parse or raise
+    GGUFFormatError; never another exception, a hang or a huge allocation."""
+    assert len(parse_gguf(RICH).tensors) == 2
+    blob = bytearray(RICH)
+    for _ in range(data.draw(st.integers(1, 6))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.sampled_from([0, 1, 0xFF]))
+    blob = blob[: data.draw(st.integers(0, len(blob)))]
+    try:
+        parse_gguf(bytes(blob))
+    except GGUFFormatError as e:
+        assert "\n" not in str(e)
