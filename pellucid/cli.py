@@ -154,6 +154,13 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int, temperature: 
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty, 1 = off")
     p.add_argument("--seed", type=int, help="same seed, same text")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument(
+        "--quant",
+        choices=["auto", "fp32", "q8", "q4"],
+        default="auto",
+        help="weights for decoding: auto = q8 on the CPU (fastest passing the quality guard), "
+        "fp32 = exact, q4 = 4-bit blocks (see bench/RESULTS.md)",
+    )
 
 
 def _load(args: argparse.Namespace, need_tokenizer: bool = True) -> object:
@@ -164,6 +171,10 @@ def _load(args: argparse.Namespace, need_tokenizer: bool = True) -> object:
     loaded = load(args.model or DEFAULT_MODEL, allow_nonfinite=args.allow_nonfinite)
     if need_tokenizer and loaded.tokenizer is None:
         raise TokenizerError(f"model '{args.model}' has no tokenizer to read the prompt with")
+    if getattr(args, "quant", None):
+        from pellucid.infer.quant import quantize_model
+
+        quantize_model(loaded.model, args.quant)
     return loaded
 
 

@@ -35,7 +35,7 @@ log = logging.getLogger("pellucid")
 
 BLOCK = 32
 Quant = Literal["q8", "q4"]
-MODES = ("fp32", "q8", "q4")
+MODES = ("auto", "fp32", "q8", "q4")  # auto: q8 where it applies, else fp32
 _MATVEC_ROWS = 16  # up to this many input rows use the kernels; more (prefill) dequantize + BLAS
 
 
@@ -197,6 +197,15 @@ def _fuse_groups(model: nn.Module, mode: Quant) -> None:
                 start += part.out_features
 
 
+def auto_mode(model: nn.Module) -> str:
+    """The default decoding mode: q8 (fastest that passes the quality guard in tests/test_quant.py
+    and bench/RESULTS.md) for a model on the CPU whose widths are whole blocks, else fp32."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    fits = all(m.in_features % BLOCK == 0 and m.out_features % 4 == 0 for m in linears)
+    return "q8" if on_cpu and fits and linears else "fp32"
+
+
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     """Replace every nn.Linear (the output head included) by a QuantLinear, in place.
 
@@ -205,6 +214,8 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     """
     if mode not in MODES:
         raise ConfigError(f"unknown quantization {mode!r}; choose from {list(MODES)}")
+    if mode == "auto":
+        mode = auto_mode(model)
     if mode == "fp32":
         return model
     _fuse_groups(model, mode)
