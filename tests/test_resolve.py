@@ -260,14 +260,7 @@ def _names(tok):
         ("duplicate_token", "duplicate token"),
         ("unknown_merge", "not a token"),
         ("types_length", "token_type"),
-        pytest.param(
-            "types_not_ints",
-            "token_type",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="tokenizer/formats.py ignores the token_type element type (reported)",
-            ),
-        ),
+        ("types_not_ints", "token_type"),
     ],
 )
 def test_bad_tokenizer_metadata_rejected_before_tensors(tmp_path, monkeypatch, tiny, change, words):
