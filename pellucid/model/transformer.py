@@ -20,7 +20,15 @@ from torch import Tensor, nn
 from pellucid.errors import PellucidError, WeightsFormatError
 from pellucid.model.config import ModelConfig
 from pellucid.model.kv_cache import KVCache
-from pellucid.model.layers import Block, Frame, Rotary, SinusoidalEmbedding, Trace, make_norm
+from pellucid.model.layers import (
+    Block,
+    Dropout,
+    Frame,
+    Rotary,
+    SinusoidalEmbedding,
+    Trace,
+    make_norm,
+)
 
 __all__ = ["Trace", "Transformer"]
 
@@ -43,7 +51,7 @@ class Transformer(nn.Module):
         }
         self.pos_emb = positions[cfg.pos]()
         self.rotary = Rotary(cfg) if cfg.pos == "rope" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm = make_norm(cfg, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
