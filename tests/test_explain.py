@@ -17,7 +17,7 @@ from pellucid.explain.trace import SCHEMA, explain
 from pellucid.explain.train_step import explain_train
 from pellucid.infer.sampling import SamplingParams
 from pellucid.model.config import PRESETS
-from pellucid.model.layers import explicit_attention
+from pellucid.model.layers import Dropout, explicit_attention
 from pellucid.model.transformer import Trace, Transformer
 from pellucid.tokenizer.bpe import Tokenizer
 from pellucid.weights.checkpoint import save_checkpoint
@@ -283,7 +283,8 @@ def test_the_step_leaves_the_model_unchanged(step_data):
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
         assert p.grad is None
-    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    drops = [m for m in model.modules() if isinstance(m, (torch.nn.Dropout, Dropout))]
+    assert drops and all(m.p == 0.0 for m in drops)
 
 
 def test_first_adam_step_moves_each_weight_by_about_lr(step_data):

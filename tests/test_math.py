@@ -21,6 +21,7 @@ from pellucid.infer.sampling import (
 )
 from pellucid.model.config import PRESETS
 from pellucid.model.layers import (
+    Dropout,
     GeluMLP,
     SwiGLU,
     apply_rope,
@@ -233,7 +234,7 @@ def test_bits_per_byte():
 
 
 def test_dropout_scaling():
-    drop = nn.Dropout(0.25).train()
+    drop = Dropout(0.25).train()
     x = torch.ones(10000)
     y = drop(x)
     assert all(v == 0 or v == pytest.approx(1 / 0.75) for v in y.unique().tolist())

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from pellucid.errors import ConfigError
 from pellucid.explain.trace import rounded, token_info
+from pellucid.model.layers import Dropout
 from pellucid.model.transformer import Transformer
 from pellucid.train.optim import param_groups
 
@@ -51,11 +52,11 @@ def _norms_by_group(tensors: dict[str, Tensor]) -> dict[str, float]:
 
 
 def _count_dropout(model: nn.Module) -> tuple[list[dict], list[Any]]:
-    """Forward hooks on every nn.Dropout that count the activations it zeroed."""
+    """Forward hooks on every dropout module that count the activations it zeroed."""
     counts: list[dict] = []
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Dropout):
+        if isinstance(m, (nn.Dropout, Dropout)):
             row = {"module": name, "p": m.p, "zeroed": 0, "elements": 0}
             counts.append(row)
 
@@ -91,7 +92,7 @@ def explain_train(
         raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
     x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])  # (1, T) inputs and shifted targets
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    old_p = {m: m.p for m in model.modules() if isinstance(m, nn.Dropout)}
+    old_p = {m: m.p for m in model.modules() if isinstance(m, (nn.Dropout, Dropout))}
     old_attn = [(b.attn, b.attn.dropout) for b in model.blocks]
     was_training = model.training
     counts, hooks = _count_dropout(model)
