@@ -36,12 +36,14 @@ from pellucid.model.config import PRESETS, ModelConfig
 from pellucid.model.transformer import Transformer
 from pellucid.tokenizer.bpe import Tokenizer
 from pellucid.tokenizer.formats import load_tokenizer
-from pellucid.train.metrics import PLOT_FILE, plot_curves, read_metrics
+from pellucid.train.metrics import PLOT_FILE, measure_peak_flops, plot_curves, read_metrics
 from pellucid.train.objectives import lm_loss
 from pellucid.train.trainer import (
     TrainConfig,
     TrainState,
     evaluate_objective,
+    resolve_device,
+    resolve_dtype,
     seed_everything,
     train,
 )
@@ -272,6 +274,13 @@ def demo(minutes: float = 5.0, out_dir: Path | None = None) -> RunResult:
 # --- report --------------------------------------------------------------------------------------
 
 
+def _mfu(state: TrainState, cfg: TrainConfig) -> float:
+    """Model FLOP/s over the steps / the measured matmul peak of the run's device and dtype."""
+    device = resolve_device(cfg.device)
+    peak = measure_peak_flops(str(device), resolve_dtype(cfg.dtype, device))
+    return state.flops / state.train_time_s / peak if state.train_time_s else 0.0
+
+
 def write_report(
     run_dir: Path, run: RunConfig, state: TrainState, shards: Shards, tokenizer: Tokenizer,
     model: Transformer, samples: list[tuple[str, str]], wall_s: float,
@@ -304,7 +313,9 @@ def write_report(
         "## Compute",
         f"- {state.flops:.3g} FLOPs in {state.train_time_s:.0f} s of training steps "
         f"({wall_s:.0f} s wall time with evaluation and checkpoints, this session)",
-        f"- {state.tokens:,} tokens, {tps:,.0f} tokens/s on {run.train.device} ({torch.get_num_threads()} threads)",
+        f"- {state.tokens:,} tokens, {tps:,.0f} tokens/s on {run.train.device} "
+        f"({torch.get_num_threads()} threads), MFU {100 * _mfu(state, run.train):.1f}% of this "
+        "machine's measured matmul peak",
         "",
         "## Samples (temperature 0.8, top-k 50)",
         *[f"**{p!r}** ->\n\n```\n{p}{text}\n```\n" for p, text in samples],

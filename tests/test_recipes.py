@@ -42,6 +42,24 @@ def test_unknown_keys_and_presets_suggest_the_right_one(tmp_path):
         load_run_config(bad)
 
 
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.max_steps=abc", "train.max_steps"),
+        ("train.lr=fast", "train.lr"),
+        ("train.compile=maybe", "train.compile"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("model.n_embd=100", "n_embd"),  # not a multiple of small's 6 heads
+        ("model.n_kv_head=4", "n_kv_head"),  # 6 heads are not a multiple of 4
+        ("data.vocab_size=big", "data.vocab_size"),
+    ],
+)
+def test_bad_values_name_the_key_in_one_line(override, key, capsys):
+    assert main(["train", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("pellucid: error:") and key in err
+
+
 def test_cli_reports_config_errors_in_one_line(capsys):
     assert main(["train", "train.lrr=1"]) == 2
     err = capsys.readouterr().err.strip()
@@ -82,6 +100,8 @@ def test_train_end_to_end_writes_the_run_directory(tmp_path, corpus, capsys):
         "FLOPs",
         "## Samples",
         "## Lineage",
+        "MFU",
+        "config sha256",
     ):
         assert section in report
     assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
