@@ -328,10 +328,18 @@ def test_kill_during_checkpoint_writes_leaves_a_good_checkpoint(tmp_path):
     rng = torch.Generator().manual_seed(0)
     run_dir = tmp_path / "run"
     resume = False
-    for _ in range(20):
+    for _ in range(10):
+        last = _good_step(run_dir)
         child = _spawn(run_dir, resume)
         assert child.stdout.readline().strip() == "ready"
-        time.sleep(0.3 + 1.2 * torch.rand((), generator=rng).item())
+        # Wait until this child has written a checkpoint of its own (however slow the machine),
+        # then kill it at a random moment of the next ones, which come every step.
+        deadline = time.monotonic() + 120
+        while child.poll() is None and time.monotonic() < deadline:
+            if _good_step(run_dir) > last:
+                break
+            time.sleep(0.01)
+        time.sleep(0.3 * torch.rand((), generator=rng).item())
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
         good = latest_good(run_dir)
@@ -348,6 +356,12 @@ def test_kill_during_checkpoint_writes_leaves_a_good_checkpoint(tmp_path):
     assert len(checkpoint_dirs(run_dir)) == 2
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
     assert state.resumed_from is not None
+
+
+def _good_step(run_dir):
+    """Step of the newest good checkpoint, -1 if there is none yet."""
+    good = latest_good(run_dir) if run_dir.exists() else None
+    return int(good.name.split("_")[1]) if good is not None else -1
 
 
 def latest_step(run_dir):
