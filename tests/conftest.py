@@ -22,6 +22,21 @@ def real_home(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _restore_logging():
+    """cli.main binds a log handler to the stderr of the test that ran it; drop it afterwards so
+    later tests do not log into that test's closed capture stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in root.handlers:
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
 def _restore_torch_defaults():
     try:
         import torch

@@ -88,3 +88,12 @@ def test_offline_gives_one_clear_line(monkeypatch, tmp_path):
     msg = str(e.value)
     assert "could not download surely-not-a-package-xyz==9.9" in msg and "offline" in msg
     assert "\n" not in msg
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        files.atomic_write(tmp_path / "x.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644

@@ -64,6 +64,8 @@ class Transformer(nn.Module):
         """GPT-2 init: N(0, 0.02) matrices, residual projections / sqrt(2 n_layer), zero biases."""
         residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():  # a tied weight is listed once
+            if p.is_meta:  # built by from_weights, about to be replaced: nothing to draw
+                continue
             if p.dim() >= 2:
                 std = residual_std if name.endswith(_RESIDUAL_PROJECTIONS) else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
