@@ -227,5 +227,6 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         # its errors go straight into the logits, and 4 bits there flipped greedy tokens.
         head_mode = "q8" if name == "lm_head" else mode
         setattr(parent, attr, QuantLinear(linear, head_mode))
-    log.info("quantized %d linear layers to %s", len(targets), mode)
+    n = sum(isinstance(m, QuantLinear) for m in model.modules())
+    log.info("decoding with %s weights (%d matrices; q/k/v and gate/up fused)", mode, n)
     return model
