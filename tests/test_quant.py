@@ -76,7 +76,9 @@ def test_quantize_model_swaps_every_linear_and_keeps_the_head_8_bit():
     model = Transformer(dataclasses.replace(PRESETS["tiny"], n_embd=64, vocab_size=256)).eval()
     ids = torch.randint(0, 256, (2, 10))
     ref = model(ids)
+    n = model.num_params()
     quantize_model(model, "q4")
+    assert model.num_params() == n  # quantized weights still count, a tied head once
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert model.lm_head.mode == "q8" and model.blocks[0].mlp.down_proj.mode == "q4"
     attn = model.blocks[0].attn

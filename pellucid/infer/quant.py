@@ -106,6 +106,8 @@ class QuantLinear(nn.Module):
             else None
         )
         self._last: tuple[Tensor, Tensor] | None = None  # (input, output) for FusedPart
+        # what Transformer.num_params counts for this layer (its weights are numpy blocks)
+        self.n_weights = N * K + (0 if self.bias is None else N)
 
     def shared(self, x: Tensor) -> Tensor:
         """forward(x), computed once for the parts of a fused matrix that all get this same x."""

@@ -160,9 +160,16 @@ class Transformer(nn.Module):
         """Parameter count, a tied matrix counted once.
 
         exclude_embeddings drops the token and position embedding tables (Kaplan et al.'s
-        "non-embedding" N; with tied embeddings that also drops the output head).
+        "non-embedding" N; with tied embeddings that also drops the output head). Layers that
+        keep their weights outside nn.Parameter (quantized blocks, infer/quant.py) report them
+        as `n_weights`; a tied head's quantized copy is not counted twice.
         """
         n = sum(p.numel() for p in self.parameters())
+        n += sum(
+            m.n_weights
+            for name, m in self.named_modules()
+            if hasattr(m, "n_weights") and not (self.cfg.tie_embeddings and name == "lm_head")
+        )
         if exclude_embeddings:
             n -= self.tok_emb.weight.numel() + self._pos_params()
         return n
