@@ -3,7 +3,6 @@ tiny random Llama saved as GGUF / HF with a ChatML tokenizer (see test_resolve.p
 
 import io
 import json
-import logging
 import re
 
 import gguf
@@ -22,16 +21,6 @@ from pellucid.weights.hf import save_hf
 from pellucid.weights.resolve import load
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=6, stop_token_ids=[2])
-
-
-@pytest.fixture(autouse=True)
-def _drop_cli_log_handlers():
-    """cli.main binds a log handler to this test's captured stderr; remove it afterwards, so
-    that later tests do not log into a closed stream."""
-    yield
-    root = logging.getLogger()
-    for h in [h for h in root.handlers if type(h) is logging.StreamHandler]:
-        root.removeHandler(h)
 
 
 @pytest.fixture(scope="module")

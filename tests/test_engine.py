@@ -7,7 +7,6 @@ tokens, for stop strings and UTF-8 chunking.
 """
 
 import codecs
-import logging
 
 import pytest
 import torch
@@ -19,16 +18,6 @@ from pellucid.infer.sampling import SamplingParams, apply_repetition_penalty, se
 from pellucid.model.config import PRESETS, ModelConfig
 
 EMOJI = "😀".encode()  # 4 bytes
-
-
-@pytest.fixture(autouse=True)
-def _drop_cli_log_handlers():
-    """cli.main binds a log handler to this test's captured stderr; remove it afterwards, so
-    that later tests do not log into a closed stream."""
-    yield
-    root = logging.getLogger()
-    for h in [h for h in root.handlers if type(h) is logging.StreamHandler]:
-        root.removeHandler(h)
 
 
 class PieceTokenizer:

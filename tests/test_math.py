@@ -108,22 +108,27 @@ def test_causal_attention_by_hand():
     close(out[0, 0, :, 0], [10.0, 10 * p[0] + 20 * p[1]])
 
 
+def _mlp_config(mlp: str):
+    """A 2-wide config with a 2-wide MLP, small enough to work out by hand."""
+    return dataclasses.replace(
+        PRESETS["tiny"],
+        n_embd=2,
+        ffn_dim=2,
+        n_head=1,
+        n_kv_head=1,
+        mlp=mlp,
+        bias=False,
+        dropout=0.0,
+    )
+
+
 def _set(linear: nn.Linear, rows: list[list[float]]) -> None:
     with torch.no_grad():
         linear.weight.copy_(torch.tensor(rows))
 
 
 def test_gelu_mlp():
-    cfg = dataclasses.replace(
-        PRESETS["tiny"],
-        n_embd=2,
-        ffn_dim=2,
-        n_head=1,
-        n_kv_head=1,
-        mlp="gelu",
-        bias=False,
-        dropout=0.0,
-    )
+    cfg = _mlp_config("gelu")
     mlp = GeluMLP(cfg)
     _set(mlp.up_proj, [[1, 0], [0, 1]])
     _set(mlp.down_proj, [[1, 0], [0, 1]])
@@ -135,16 +140,7 @@ def test_gelu_mlp():
 
 
 def test_swiglu():
-    cfg = dataclasses.replace(
-        PRESETS["tiny"],
-        n_embd=2,
-        ffn_dim=2,
-        n_head=1,
-        n_kv_head=1,
-        mlp="swiglu",
-        bias=False,
-        dropout=0.0,
-    )
+    cfg = _mlp_config("swiglu")
     mlp = SwiGLU(cfg)
     _set(mlp.gate_proj, [[1, 0], [0, 1]])
     _set(mlp.up_proj, [[2, 0], [0, 3]])
