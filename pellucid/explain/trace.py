@@ -13,6 +13,7 @@ is recomputed by a second implementation that could drift from the first.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -222,6 +223,12 @@ def next_token(
     }
 
 
+def kv_bytes_per_token(model: Transformer) -> int:
+    """Bytes the KV cache holds per token: a key and a value per layer and KV head."""
+    c = model.cfg
+    return 2 * c.n_layer * c.n_kv_head * c.head_dim * model.tok_emb.weight.element_size()
+
+
 def cost(model: Transformer, n_tokens: int) -> dict[str, Any]:
     """Matrix shapes of one block and of the head, FLOPs per token, KV-cache bytes per token."""
     c = model.cfg
@@ -242,13 +249,12 @@ def cost(model: Transformer, n_tokens: int) -> dict[str, Any]:
     matrices.append(
         {"name": "lm_head", "shape": [C, c.vocab_size], "flops_per_token": 2 * C * c.vocab_size}
     )
-    bytes_per = torch.finfo(model.tok_emb.weight.dtype).bits // 8
     return {
         "block_matrices": matrices,
         "n_layer": c.n_layer,
         "attention_flops_per_token": 4 * c.n_layer * H * D * n_tokens,  # QK^T and AV over T keys
         "forward_flops_per_token": model.flops_per_token(n_tokens) / 3,  # 6N counts fwd + bwd
-        "kv_cache_bytes_per_token": 2 * c.n_layer * K * D * bytes_per,
+        "kv_cache_bytes_per_token": kv_bytes_per_token(model),
     }
 
 
@@ -306,17 +312,9 @@ def generation_steps(
     model: Transformer, tokenizer: Tokenizer, ids: list[int], params: SamplingParams, n: int
 ) -> list[dict]:
     """`n` decode steps through the engine, with how the KV cache grows at each one."""
-    run = SamplingParams(
-        **{
-            **params.__dict__,
-            "max_new_tokens": n,
-            "top_logprobs": 5,
-            "stop": [],
-            "stop_token_ids": [],
-        }
-    )
+    run = replace(params, max_new_tokens=n, top_logprobs=5, stop=[], stop_token_ids=[])
     done = Engine(model, tokenizer).complete(ids, run)
-    per_token = cost(model, len(ids))["kv_cache_bytes_per_token"]
+    per_token = kv_bytes_per_token(model)
     out = []
     for i, s in enumerate(done.steps):
         cached = len(ids) + i  # the tokens whose keys and values this step reads
