@@ -1,0 +1,64 @@
+"""The `pellucid` console script: argparse subcommands, each a thin handler, a module per family.
+
+Each verb is built by `add_<verb>(subparsers)` and handled by `cmd_<verb>(args) -> int`. Handlers
+parse, call one library (or `recipes`) function, and print. Heavy imports (torch, matplotlib) happen
+inside handlers so that `pellucid --help` stays fast. Every `PellucidError` becomes one line on
+stderr, `pellucid: error: ...`, with exit code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from pellucid import __version__
+from pellucid.cli.data import add_data, add_tokenizer
+from pellucid.cli.explain import add_explain, add_explain_train
+from pellucid.cli.generate import add_chat, add_export, add_generate
+from pellucid.cli.train import add_demo, add_train
+from pellucid.errors import PellucidError
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_data,
+    add_tokenizer,
+    add_generate,
+    add_chat,
+    add_export,
+    add_train,
+    add_demo,
+    add_explain,
+    add_explain_train,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pellucid",
+        description="A complete, readable LLM stack: tokenizer, transformer, trainer, engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"pellucid {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    try:
+        return args.handler(args)
+    except PellucidError as e:
+        if args.debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"pellucid: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pellucid: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,109 @@
+"""`pellucid data` and `pellucid tokenizer`: corpora and text as tokens."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pellucid.cli.common import emit_json
+
+
+def add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="fetch and inspect corpora")
+    verbs = p.add_subparsers(dest="data_cmd", required=True)
+    f = verbs.add_parser("fetch", help="download a named corpus into the cache")
+    f.add_argument("name", help="corpus name, e.g. shakespeare")
+    i = verbs.add_parser("info", help="show what a corpus spec resolves to")
+    i.add_argument("corpus", help="a corpus name, file, folder or glob")
+    p.set_defaults(handler=cmd_data)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from pellucid.data import sources
+
+    if args.data_cmd == "fetch":
+        path = sources.fetch(args.name)
+        print(f"{args.name}: cached at {path}")
+    else:
+        docs = sources.load_corpus(args.corpus)
+        n_chars = sum(len(d.text) for d in docs)
+        print(f"{args.corpus}: {len(docs)} documents, {n_chars:,} characters")
+    return 0
+
+
+def add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer, or see text as tokens")
+    verbs = p.add_subparsers(dest="tokenizer_cmd", required=True)
+    t = verbs.add_parser("train", help="train on a corpus; writes OUT/tokenizer.json")
+    t.add_argument(
+        "--corpus", required=True, help="corpus name (shakespeare), file, folder or glob"
+    )
+    t.add_argument("--vocab-size", type=int, required=True, help="ids in all, specials included")
+    t.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    t.add_argument("--pattern", choices=["gpt2", "llama3", "smollm"], default="gpt2")
+    t.add_argument(
+        "--special", action="append", help="special token (repeatable; default <|endoftext|>)"
+    )
+    e = verbs.add_parser("encode", help="show each token of TEXT: its id, text and bytes")
+    e.add_argument("text", help="the text to encode")
+    e.add_argument("--tokenizer", required=True, help="tokenizer.json, run directory or .gguf")
+    e.add_argument(
+        "--allow-special", action="store_true", help="read special-token text as control tokens"
+    )
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=cmd_tokenizer)
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from pellucid.tokenizer.bpe import ENDOFTEXT, Tokenizer
+    from pellucid.tokenizer.formats import load_tokenizer
+    from pellucid.tokenizer.pretokenize import bytes_to_str
+
+    if args.tokenizer_cmd == "train":
+        from pellucid.data.sources import load_corpus
+        from pellucid.errors import ConfigError
+
+        out = Path(args.out) / "tokenizer.json"
+        if out.parent.exists() and not out.parent.is_dir():  # say so before training, not after
+            raise ConfigError(f"--out {args.out} is a file; give a folder for tokenizer.json")
+        docs = load_corpus(args.corpus)
+        n_chars = sum(len(d.text) for d in docs)
+        logging.getLogger("pellucid").info(
+            "training a %d-token BPE on %s (%d documents, %s characters) ...",
+            args.vocab_size,
+            args.corpus,
+            len(docs),
+            f"{n_chars:,}",
+        )
+        start = time.perf_counter()
+        specials = args.special or [ENDOFTEXT]
+        tok = Tokenizer.train([d.text for d in docs], args.vocab_size, specials, args.pattern)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(out)
+        took = time.perf_counter() - start
+        print(f"{out}: {tok.vocab_size} tokens ({len(tok.merges)} merges) in {took:.1f} s")
+        return 0
+    tok = load_tokenizer(args.tokenizer)
+    ids = tok.encode(args.text, allowed_special="all" if args.allow_special else frozenset())
+    special = {i: s for s, i in tok.special_tokens.items()}
+    raw = [tok.token_bytes(i) for i in ids]
+    if args.json:
+        emit_json(
+            {
+                "ids": ids,
+                "tokens": [
+                    special.get(i) or bytes_to_str(b) for i, b in zip(ids, raw, strict=True)
+                ],
+                "text": [b.decode("utf-8", errors="replace") for b in raw],
+                "bytes": [b.hex(" ") for b in raw],
+            }
+        )
+        return 0
+    print(f"{len(ids)} tokens for {len(args.text)} characters ({len(args.text.encode())} bytes)")
+    for i, b in zip(ids, raw, strict=True):
+        kind = " (special)" if i in special else ""
+        print(f"{i:>8}  {b.decode('utf-8', errors='replace')!r:<24} {b.hex(' ')}{kind}")
+    return 0
