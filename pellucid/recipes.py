@@ -61,6 +61,18 @@ class DataConfig:
     vocab_size: int = 2048  # for tokenizer = "train", special tokens included
     val_fraction: float = 0.1  # the last part of the concatenated text is validation
 
+    def __post_init__(self) -> None:
+        # Checked here, before a tokenizer is trained on what would be an empty train split.
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(
+                f"config key 'data.val_fraction' must be in (0, 1), got {self.val_fraction}"
+            )
+        if self.vocab_size < 257:
+            raise ConfigError(
+                f"config key 'data.vocab_size' must be >= 257 (256 bytes + <|endoftext|>), "
+                f"got {self.vocab_size}"
+            )
+
 
 @dataclass(kw_only=True)
 class RunConfig:

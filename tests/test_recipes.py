@@ -52,6 +52,12 @@ def test_unknown_keys_and_presets_suggest_the_right_one(tmp_path):
         ("model.n_embd=100", "n_embd"),  # not a multiple of small's 6 heads
         ("model.n_kv_head=4", "n_kv_head"),  # 6 heads are not a multiple of 4
         ("data.vocab_size=big", "data.vocab_size"),
+        ("data.vocab_size=100", "data.vocab_size"),
+        # Each used to name the wrong thing: an empty corpus, and train.min_lr.
+        ("data.val_fraction=1.5", "data.val_fraction"),
+        ("data.val_fraction=0", "data.val_fraction"),
+        ("train.lr=-1", "'train.lr'"),
+        ("train.lr=nan", "'train.lr'"),
     ],
 )
 def test_bad_values_name_the_key_in_one_line(override, key, capsys):
@@ -154,3 +160,24 @@ def test_demo_short_run_end_to_end(tmp_path, real_home, capsys):
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_bpb"] for r in records if "val_bpb" in r]
     assert len(vals) >= 4 and vals[-1] < vals[0] < 8.5
+
+
+def test_an_unexpected_exception_is_one_line_with_a_hint(monkeypatch, capsys):
+    import pellucid.cli.train as cli_train
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("something\ninside broke")
+
+    monkeypatch.setattr(cli_train, "cmd_demo", boom)
+    monkeypatch.setattr("pellucid.recipes.demo", boom)
+    assert main(["demo"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "RuntimeError: something inside broke" in err and "--debug" in err
+    with pytest.raises(RuntimeError):
+        main(["--debug", "demo"])
+
+
+def test_an_empty_model_spec_is_an_error_not_the_default(capsys):
+    assert main(["generate", "--model", "", "hi"]) == 2
+    assert "empty model spec" in capsys.readouterr().err

@@ -153,3 +153,16 @@ def test_invalid_utf8_in_the_corpus_is_replaced_with_a_warning(tmp_path, capsys)
     assert "bad.txt" in err and "300" in err  # names the file and the offset of the first bad byte
     tok = load_tokenizer(out)
     assert "\ufffd" in tok.decode(tok.encode("\ufffd")) and tok.vocab_size == 280
+
+
+def test_encode_argv_with_a_lone_surrogate_shows_u_fffd(tmp_path, corpus, capsys):
+    # Undecodable argv bytes reach Python as lone surrogates; this used to raise UnicodeEncodeError.
+    out = tmp_path / "tok"
+    cli.main(
+        ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(out)]
+    )
+    capsys.readouterr()
+    assert cli.main(["tokenizer", "encode", "--tokenizer", str(out), "a\udcffb"]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens for 3 characters (5 bytes)" in printed.splitlines()[0]
+    assert "ef bf bd" in printed  # U+FFFD

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    """Entry point; returns the exit code (0 ok, 1 unexpected error, 2 user error, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
@@ -62,3 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pellucid: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or an unforeseen fault: still one line, the traceback on demand
+        if args.debug:
+            raise
+        msg = " ".join(str(e).split())
+        print(
+            f"pellucid: error: {type(e).__name__}: {msg} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1

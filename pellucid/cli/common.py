@@ -48,7 +48,9 @@ def load(args: argparse.Namespace, need_tokenizer: bool = True) -> object:
     from pellucid.weights.resolve import DEFAULT_MODEL
     from pellucid.weights.resolve import load as load_spec
 
-    loaded = load_spec(args.model or DEFAULT_MODEL, allow_nonfinite=args.allow_nonfinite)
+    loaded = load_spec(
+        DEFAULT_MODEL if args.model is None else args.model, allow_nonfinite=args.allow_nonfinite
+    )
     if need_tokenizer and loaded.tokenizer is None:
         raise TokenizerError(f"model '{args.model}' has no tokenizer to read the prompt with")
     if getattr(args, "quant", None):

@@ -58,7 +58,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from pellucid.tokenizer.bpe import ENDOFTEXT, Tokenizer
+    from pellucid.tokenizer.bpe import ENDOFTEXT, Tokenizer, valid_text
     from pellucid.tokenizer.formats import load_tokenizer
     from pellucid.tokenizer.pretokenize import bytes_to_str
 
@@ -87,7 +87,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
         print(f"{out}: {tok.vocab_size} tokens ({len(tok.merges)} merges) in {took:.1f} s")
         return 0
     tok = load_tokenizer(args.tokenizer)
-    ids = tok.encode(args.text, allowed_special="all" if args.allow_special else frozenset())
+    text = valid_text(args.text)  # argv may carry lone surrogates (undecodable bytes): U+FFFD
+    ids = tok.encode(text, allowed_special="all" if args.allow_special else frozenset())
     special = {i: s for s, i in tok.special_tokens.items()}
     raw = [tok.token_bytes(i) for i in ids]
     if args.json:
@@ -102,7 +103,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    print(f"{len(ids)} tokens for {len(args.text)} characters ({len(args.text.encode())} bytes)")
+    print(f"{len(ids)} tokens for {len(text)} characters ({len(text.encode())} bytes)")
     for i, b in zip(ids, raw, strict=True):
         kind = " (special)" if i in special else ""
         print(f"{i:>8}  {b.decode('utf-8', errors='replace')!r:<24} {b.hex(' ')}{kind}")

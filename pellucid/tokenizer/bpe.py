@@ -188,7 +188,7 @@ class _PieceCache(dict):
         return ids
 
 
-def _valid_text(text: str) -> str:
+def valid_text(text: str) -> str:
     """`text`, with lone surrogates (not encodable as UTF-8) replaced by U+FFFD, as tiktoken does.
 
     A surrogate pair spelled as two code points ("\\ud83d\\ude00") becomes the character it spells.
@@ -313,7 +313,7 @@ class Tokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Ids of `text`, with any special-token text encoded as plain text."""
-        pieces = split(_valid_text(text), self._regex)
+        pieces = split(valid_text(text), self._regex)
         return list(chain.from_iterable(map(self._cache.__getitem__, pieces)))
 
     def encode(
@@ -339,7 +339,7 @@ class Tokenizer:
             self._special_regex[key] = regex.compile(f"({alternatives})")
         ids: list[int] = []
         # split() with a group alternates plain text (even indices) and special tokens (odd ones)
-        for i, part in enumerate(self._special_regex[key].split(_valid_text(text))):
+        for i, part in enumerate(self._special_regex[key].split(valid_text(text))):
             ids.extend(self.encode_ordinary(part) if i % 2 == 0 else (self.special_tokens[part],))
         return ids
 
@@ -413,7 +413,7 @@ class Tokenizer:
         regex_ = compile_pattern(pattern)
         words: Counter[str] = Counter()
         for text in texts:
-            words.update(split(_valid_text(text), regex_))
+            words.update(split(valid_text(text), regex_))
         if not words:
             raise DataError("cannot train a tokenizer on an empty corpus")
         vocab = [s.encode("utf-8") for s in specials] + [bytes([b]) for b in BYTE_ORDER]

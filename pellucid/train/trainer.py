@@ -94,6 +94,8 @@ class TrainConfig:
                 raise ConfigError(
                     f"config key 'train.{name}' must be >= 0, got {getattr(self, name)}"
                 )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"config key 'train.lr' must be a finite number > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(
                 f"config key 'train.min_lr' must be in [0, lr={self.lr}], got {self.min_lr}"

@@ -110,6 +110,8 @@ def resolve_name(name: str) -> Path:
 def resolve_path(spec: str | Path) -> Path:
     """A CLI spec -> the file or folder to load: a name (registry or saved), else a path."""
     text = str(spec)
+    if not text.strip():  # Path("") is ".", the working directory: never load that by accident
+        raise WeightsFormatError(f"empty model spec: give {_KINDS}")
     if text in REGISTRY:  # built-in names are reserved, whatever lies in the working directory
         return REGISTRY[text]()
     path = Path(text)
