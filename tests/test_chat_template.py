@@ -124,3 +124,52 @@ def test_encode_turns_template_specials_into_ids():
     text = ChatTemplate(CHATML).render(messages)
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert ChatTemplate(CHATML).encode(FakeTokenizer(), messages) == [len(text)]
+
+
+HOSTILE = {
+    "repetition": "{{ 'x' * 10**10 }}",
+    "list repetition": "{{ ([1] * 10**9)|length }}",
+    "filter width": "{{ 'x'|center(10**10) }}",
+    "method width": "{{ 'x'.ljust(10**10) }}",
+    "power": "{{ 10 ** (10 ** 9) }}",
+    "doubling": (
+        "{% set ns = namespace(s='xx') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+        "{% endfor %}{{ ns.s|length }}"
+    ),
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "long output": "{% for i in range(90000) %}{{ 'y' * 100 }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_templates_stop_with_one_line_within_limits(name):
+    # A GGUF or tokenizer_config.json is untrusted: these used to exhaust memory or hang for ever.
+    import resource
+    import time
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with pytest.raises(TokenizerError, match="chat template") as e:
+        ChatTemplate(HOSTILE[name]).render([{"role": "user", "content": "hi"}])
+    assert "\n" not in str(e.value)
+    assert time.perf_counter() - start < 5
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 1500
+
+
+def test_real_templates_render_well_inside_the_limits():
+    import time
+
+    long_chat = [{"role": r, "content": "word " * 200} for r in ["user", "assistant"] * 20]
+    start = time.perf_counter()
+    text = ChatTemplate(SMOLLM2).render(long_chat)
+    assert len(text) > 40 * 1000 and time.perf_counter() - start < 1
+
+
+def test_a_non_string_template_is_an_error_not_chatml(tmp_path):
+    with pytest.raises(TokenizerError, match="chat_template must be a string"):
+        from_gguf_metadata({"tokenizer.chat_template": 42})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": {"a": 1}}))
+    with pytest.raises(TokenizerError, match="chat_template must be a string"):
+        from_hf_dir(tmp_path)

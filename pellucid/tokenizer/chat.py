@@ -11,12 +11,19 @@ variables `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, and the
     '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
 
 Templates come from model files, so they are untrusted: the sandbox forbids attribute tricks, and
-every template failure becomes one TokenizerError line.
+every template failure becomes one TokenizerError line. The sandbox alone still lets a template
+build a 10 GB string (`'x' * 10**10`, or doubling a namespace variable in a loop) or spin in nested
+loops for ever, so every render also runs under limits (`_Budget`): repetition and powers checked
+before they allocate, no width or count argument above the output cap, and a line-event tracer on
+the template's own frames that counts steps and watches the clock and the process's peak memory.
 """
 
 from __future__ import annotations
 
 import json
+import resource
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,6 +49,13 @@ CHATML = (
 )
 ROLES = ("system", "user", "assistant", "tool")
 
+# Limits of one render. Real templates stay far below them: SmolLM2's renders a 20-turn chat in
+# about 400 steps and 5 KB; the output cap is 100x the text of a full 8192-token context.
+MAX_OUTPUT_CHARS = 4_000_000
+MAX_STEPS = 1_000_000  # line events inside the template's code (loop bodies, statements)
+MAX_SECONDS = 2.0
+MAX_MEMORY_GROWTH = 512 << 20  # bytes of peak-RSS growth during one render
+
 
 def _raise_exception(message: str) -> NoReturn:
     raise jinja2.exceptions.TemplateError(message)
@@ -64,11 +78,94 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _Budget:
+    """A sys.settrace tracer that stops a render past MAX_STEPS, MAX_SECONDS or MAX_MEMORY_GROWTH.
+
+    Only frames of compiled template code ("<template>") are traced, so Python code the template
+    calls into runs at full speed; a step is one line event of the template's own code.
+    """
+
+    def __init__(self) -> None:
+        self.steps, self.start = 0, time.perf_counter()
+        self.peak = _peak_rss()
+
+    def __enter__(self) -> _Budget:
+        self.previous = sys.gettrace()
+        sys.settrace(self._call)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(self.previous)
+
+    def _call(self, frame: Any, event: str, arg: Any) -> Any:
+        return self._line if frame.f_code.co_filename == "<template>" else None
+
+    def _line(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            self.steps += 1
+            if self.steps > MAX_STEPS:
+                raise _LimitError(f"it took more than {MAX_STEPS:,} steps")
+            if _peak_rss() - self.peak > MAX_MEMORY_GROWTH:
+                raise _LimitError(f"it used more than {MAX_MEMORY_GROWTH >> 20} MB of memory")
+            if self.steps % 256 == 0 and time.perf_counter() - self.start > MAX_SECONDS:
+                raise _LimitError(f"it ran for more than {MAX_SECONDS:g} s")
+        return self._line
+
+
+class _LimitError(jinja2.exceptions.TemplateError):
+    """A render went past one of the limits (a TemplateError, so it becomes one line)."""
+
+
+def _peak_rss() -> int:
+    """The process's peak resident memory in bytes (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _check_size(value: Any, what: str) -> None:
+    """Refuse an integer argument that would make a string or list longer than the output cap."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_OUTPUT_CHARS:
+        raise _LimitError(f"{what} of {value} is over the limit of {MAX_OUTPUT_CHARS:,}")
+
+
+class _LimitedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, with `*`, `**` and every call and filter checked before they can allocate."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            _check_size(right, "an exponent")  # 10 ** 10 ** 9 would take minutes to compute
+            if isinstance(right, int) and abs(right) > 4096 and isinstance(left, int):
+                raise _LimitError(f"an exponent of {right} is too large")
+        elif any(isinstance(x, (str, list, tuple)) for x in (left, right)):
+            sized, times = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+            if isinstance(times, int) and len(sized) * times > MAX_OUTPUT_CHARS:
+                raise _LimitError(f"a repetition of {len(sized)} x {times} items is too large")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        for value in (*args, *kwargs.values()):  # "x".ljust(10**10), "x".center(10**10)
+            _check_size(value, "an argument")
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _limited(fn: Any) -> Any:
+    """A filter that refuses huge width/count arguments (`'x'|center(10**10)`)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        for value in (*args[1:], *kwargs.values()):
+            _check_size(value, "a filter argument")
+        return fn(*args, **kwargs)
+
+    return run
+
+
 @lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+    env = _LimitedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
+    env.filters = {name: _limited(fn) for name, fn in env.filters.items()}
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -107,14 +204,25 @@ class ChatTemplate:
         the assistant's reply."""
         template = _compile(self.source)
         try:
-            return template.render(
-                messages=_check_messages(messages),
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-            )
+            with _Budget():
+                text = template.render(
+                    messages=_check_messages(messages),
+                    add_generation_prompt=add_generation_prompt,
+                    bos_token=self.bos_token,
+                    eos_token=self.eos_token,
+                )
+        except _LimitError as e:
+            raise TokenizerError(f"chat template stopped: {e}") from None
         except jinja2.TemplateError as e:  # raise_exception(), sandbox violations, bad syntax use
             raise TokenizerError(f"chat template failed: {str(e).splitlines()[0]}") from None
+        except (MemoryError, RecursionError, OverflowError) as e:
+            raise TokenizerError(f"chat template failed: {type(e).__name__}") from None
+        if len(text) > MAX_OUTPUT_CHARS:
+            raise TokenizerError(
+                f"chat template stopped: its output of {len(text):,} characters exceeds "
+                f"{MAX_OUTPUT_CHARS:,}"
+            )
+        return text
 
     def encode(
         self,
@@ -152,16 +260,19 @@ def from_hf_dir(folder: str | Path) -> ChatTemplate | None:
     if not isinstance(config, dict):
         raise TokenizerError(f"{config_path}: expected a JSON object")
     source = config.get("chat_template")
-    if isinstance(
-        source, list
-    ):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+    if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use"}]
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, Mapping)}
         source = named.get("default")
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
         source = jinja_file.read_text("utf-8")
-    if not isinstance(source, str):
+    if source is None:
         return None
+    if not isinstance(source, str):  # not silently ChatML: the file means something else
+        raise TokenizerError(
+            f"{config_path}: chat_template must be a string or a list with a 'default' "
+            f"template, got {type(source).__name__}"
+        )
     bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
     return ChatTemplate(source, bos_token=bos, eos_token=eos)
 
@@ -170,8 +281,12 @@ def from_gguf_metadata(metadata: Mapping[str, Any]) -> ChatTemplate | None:
     """The template in GGUF metadata (`tokenizer.chat_template`), with the BOS/EOS token strings
     looked up in `tokenizer.ggml.tokens`. None when the file carries no template."""
     source = metadata.get("tokenizer.chat_template")
-    if not isinstance(source, str):
+    if source is None:
         return None
+    if not isinstance(source, str):  # not silently ChatML: the file means something else
+        raise TokenizerError(
+            f"GGUF tokenizer.chat_template must be a string, got {type(source).__name__}"
+        )
     tokens = metadata.get("tokenizer.ggml.tokens")
     tokens = tokens if isinstance(tokens, Sequence) else ()
 
