@@ -1,4 +1,5 @@
-"""Files on disk: the $PELLUCID_HOME cache, atomic writes, checksums, and fetching from PyPI.
+"""Files on disk: the $PELLUCID_HOME cache, atomic writes, checksums, JSON read with its shape checked
+at the boundary, and fetching from PyPI.
 
 Every file pellucid writes goes through `atomic_write` (temp file in the same folder, fsync, rename,
 fsync of the folder), so a crash at any moment leaves either the old file or the new one, never a mix.
@@ -10,17 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from pellucid.errors import DataError
+from pellucid.errors import DataError, PellucidError
 
 log = logging.getLogger("pellucid")
 
@@ -148,3 +151,92 @@ def fetch_pypi(
     _fsync_dir(cache)
     log.info("fetched %s (%.1f MB)", art.filename, target.stat().st_size / 1e6)
     return target
+
+
+MAX_JSON_BYTES = 64 << 20  # configs, manifests and tokenizer files are far smaller
+
+
+def read_json(
+    path: str | Path,
+    error: type[PellucidError] = DataError,
+    *,
+    shape: Any = None,
+    max_bytes: int = MAX_JSON_BYTES,
+) -> Any:
+    """A JSON file, checked at the boundary, or one `error` line naming the file (and the field).
+
+    The file must be a regular file (not a FIFO or a device, which could block or never end), at
+    most `max_bytes`, UTF-8 and valid JSON; with `shape`, the value must match it (check_shape).
+    """
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise error(f"{path}: not found") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{path}: not a regular file")
+    if info.st_size > max_bytes:
+        raise error(f"{path}: {info.st_size:,} bytes is too large (at most {max_bytes:,})")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply") from None
+    if shape is not None:
+        check_shape(data, shape, str(path), error)
+    return data
+
+
+def check_shape(
+    value: Any, shape: Any, where: str, error: type[PellucidError] = DataError, field: str = ""
+) -> None:
+    """Check that JSON data has the types a reader relies on; raise `error` naming the field.
+
+    shape: a type or tuple of types (isinstance; a bool is not an int or a float here), a dict
+    {"key": shape, "key?": shape} for an object with those keys ("?": optional, may be null;
+    other keys are allowed), or [shape] for a list whose items all have that shape.
+
+        >>> check_shape({"model": {"vocab": []}}, {"model": {"vocab": dict}}, "t.json")
+        Traceback (most recent call last):
+        pellucid.errors.DataError: t.json: field 'model.vocab' must be an object, got a list
+    """
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            raise error(f"{where}: {_field(field)} must be an object, got {_kind(value)}")
+        for key, sub in shape.items():
+            name, optional = key.removesuffix("?"), key.endswith("?")
+            inner = f"{field}.{name}" if field else name
+            if value.get(name) is None:
+                if optional:
+                    continue
+                raise error(f"{where}: {_field(inner)} is missing")
+            check_shape(value[name], sub, where, error, inner)
+    elif isinstance(shape, list):
+        if not isinstance(value, list):
+            raise error(f"{where}: {_field(field)} must be a list, got {_kind(value)}")
+        for i, item in enumerate(value):
+            check_shape(item, shape[0], where, error, f"{field}[{i}]")
+    else:
+        types = shape if isinstance(shape, tuple) else (shape,)
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            want = " or ".join(_KINDS.get(t, t.__name__) for t in types)
+            raise error(f"{where}: {_field(field)} must be {want}, got {_kind(value)}")
+
+
+_KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+_KINDS[bool] = "true or false"
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else _KINDS.get(type(value), type(value).__name__)
+
+
+def _field(field: str) -> str:
+    return f"field '{field}'" if field else "the top level"

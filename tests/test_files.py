@@ -97,3 +97,52 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"a": {"b": [1, 2]}}, None),
+        ({"a": {"b": [1, "2"]}}, "field 'a.b[1]' must be an integer, got a string"),
+        ({"a": {"b": [True]}}, "field 'a.b[0]' must be an integer, got true or false"),
+        ({"a": {}}, "field 'a.b' is missing"),
+        ({"a": []}, "field 'a' must be an object, got a list"),
+        ({"a": {"b": [], "c": None}}, None),  # "c?" may be null
+        ({"a": {"b": [], "c": 3}}, "field 'a.c' must be a string, got an integer"),
+        ([], "the top level must be an object, got a list"),
+    ],
+)
+def test_check_shape_names_the_field(value, message):
+    from pellucid.errors import DataError
+    from pellucid.files import check_shape
+
+    shape = {"a": {"b": [int], "c?": str}}
+    if message is None:
+        check_shape(value, shape, "x.json")
+    else:
+        with pytest.raises(DataError) as err:
+            check_shape(value, shape, "x.json")
+        assert str(err.value) == f"x.json: {message}"
+
+
+def test_read_json_refuses_what_is_not_a_small_regular_json_file(tmp_path):
+    import os
+
+    from pellucid.errors import DataError
+    from pellucid.files import read_json
+
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    assert read_json(tmp_path / "ok.json", shape={"a": int}) == {"a": 1}
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "big.json").write_text("[" + "0," * 100 + "0]")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    cases = {
+        "missing.json": "not found",
+        "fifo.json": "not a regular file",
+        ".": "not a regular file",
+        "big.json": "too large",
+        "deep.json": "nested too deeply",
+    }
+    for name, words in cases.items():
+        with pytest.raises(DataError, match=words):
+            read_json(tmp_path / name, max_bytes=100 if name == "big.json" else 1 << 20)

@@ -160,7 +160,27 @@ BAD_EDITS = {
     "merge_unknown": (lambda d: d["model"]["merges"].append(["Ġzzq", "q"]), "not a token"),
     "merge_bad_shape": (lambda d: d["model"]["merges"].append(["a", "b", "c"]), "bad merge"),
     "merge_not_in_vocab": (lambda d: d["model"]["merges"].append(["a", "a"]), "not in the vocab"),
-    "merges_not_list": (_set(["model", "merges"], {"a": "b"}), "not a list"),
+    # Valid JSON of the wrong shape: these used to raise AttributeError/TypeError from deep inside.
+    "model_not_object": (_set(["model"], ["BPE"]), "'model' must be an object"),
+    "type_not_string": (_set(["model", "type"], 3), "'model.type' must be a string"),
+    "added_not_list": (_set(["added_tokens"], {"content": "x"}), "'added_tokens' must be a list"),
+    "added_entry": (_set(["added_tokens"], [{"content": 3, "id": 0}]), "added_tokens[0].content"),
+    "pre_not_object": (_set(["pre_tokenizer"], ["ByteLevel"]), "'pre_tokenizer' must be an object"),
+    "split_pattern_str": (
+        _set(
+            ["pre_tokenizer"],
+            {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Split", "pattern": "x"},
+                    {"type": "ByteLevel", "use_regex": False},
+                ],
+            },
+        ),
+        "pre_tokenizer step 0",
+    ),
+    "top_level_list": (lambda d: d.clear(), "'model' is missing"),
+    "merges_not_list": (_set(["model", "merges"], {"a": "b"}), "'model.merges' must be a list"),
 }
 
 
@@ -289,3 +309,30 @@ def test_gguf_without_any_tokenizer_metadata(tmp_path):
         load_tokenizer(tmp_path / "bare.gguf")
     with pytest.raises(TokenizerError, match="GGUF: has no tokenizer metadata"):
         tokenizer_from_gguf_metadata({})
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        ("{not json", "not valid JSON"),
+        ('["a"]', "must be an object"),
+        ('{"eos_token": 5}', "'eos_token' must be a string or an object"),
+        (b"\xff\xfe{}", "not UTF-8"),
+    ],
+)
+def test_a_bad_tokenizer_config_beside_it_is_one_line(tmp_path, trained, config, words):
+    path = _file(tmp_path, trained, lambda d: None)
+    side = path.with_name("tokenizer_config.json")
+    side.write_bytes(config if isinstance(config, bytes) else config.encode())
+    with pytest.raises(TokenizerError) as err:
+        load_tokenizer(path)
+    assert words in str(err.value) and str(side) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_fifo_is_refused_not_read_for_ever(tmp_path, trained):
+    import os
+
+    path = _file(tmp_path, trained, lambda d: None)
+    os.mkfifo(path.with_name("tokenizer_config.json"))  # opening it to read would block
+    with pytest.raises(TokenizerError, match="not a regular file"):
+        load_tokenizer(path)

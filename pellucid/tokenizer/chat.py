@@ -36,6 +36,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pellucid.errors import TokenizerError
+from pellucid.files import read_json
 
 if TYPE_CHECKING:
     from pellucid.tokenizer.bpe import Tokenizer
@@ -253,12 +254,7 @@ def from_hf_dir(folder: str | Path) -> ChatTemplate | None:
     None when the folder has neither."""
     folder = Path(folder)
     config_path = folder / "tokenizer_config.json"
-    try:
-        config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{config_path}: unreadable ({e})") from None
-    if not isinstance(config, dict):
-        raise TokenizerError(f"{config_path}: expected a JSON object")
+    config = read_json(config_path, TokenizerError, shape={}) if config_path.exists() else {}
     source = config.get("chat_template")
     if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use"}]
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, Mapping)}

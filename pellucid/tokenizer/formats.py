@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pellucid.errors import TokenizerError
-from pellucid.files import atomic_write
+from pellucid.files import atomic_write, check_shape, read_json
 from pellucid.gguf_reader import read_gguf
 from pellucid.tokenizer.bpe import ENDOFTEXT, Tokenizer
 from pellucid.tokenizer.pretokenize import GPT2, LLAMA3, PATTERNS, bytes_to_str, str_to_bytes
@@ -105,6 +105,17 @@ def save_tokenizer_json(tok: Tokenizer, path: str | Path) -> None:
 # --- tokenizer.json: read -------------------------------------------------------------------------
 
 
+# The fields each reader relies on, with their types (pellucid.files.check_shape).
+TOKENIZER_JSON = {
+    "model": {"type": str, "vocab": dict, "merges?": list},
+    "added_tokens?": [{"content": str, "id": int}],
+    "pre_tokenizer?": dict,
+}
+TOKENIZER_CONFIG = {"bos_token?": (str, dict), "eos_token?": (str, dict)}
+_PRE_STEP = {"type": str}
+_SPLIT = {"pattern": {"Regex": str}, "behavior?": str}
+
+
 def _pattern_from_json(pre: Any, where: str) -> str:
     """A tokenizer.json `pre_tokenizer` -> our pattern name (or regex); TokenizerError if not ours."""
     steps = (
@@ -116,6 +127,9 @@ def _pattern_from_json(pre: Any, where: str) -> str:
         raise TokenizerError(
             f"{where}: pre_tokenizer is not byte-level BPE's: {json.dumps(pre)[:120]}"
         )
+    for i, step in enumerate(steps):
+        check_shape(step, _SPLIT if step.get("type") == "Split" else _PRE_STEP, where,
+                    TokenizerError, f"pre_tokenizer step {i}")  # fmt: skip
     kinds = [s.get("type") for s in steps]
     last = steps[-1]
     if kinds[-1] != "ByteLevel" or last.get("add_prefix_space"):
@@ -132,7 +146,7 @@ def _pattern_from_json(pre: Any, where: str) -> str:
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not last.get("use_regex", True):
         split = steps[0]
-        regex_src = split.get("pattern", {}).get("Regex")
+        regex_src = split["pattern"]["Regex"]
         if (
             isinstance(regex_src, str)
             and split.get("behavior") == "Isolated"
@@ -198,32 +212,24 @@ def load_tokenizer_json(path: str | Path) -> Tokenizer:
     """
     path = Path(path)
     where = str(path)
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise TokenizerError(f"{where}: no such tokenizer file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{where}: not a valid tokenizer.json ({e})") from None
-    model = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(model, dict) or model.get("type") != "BPE":
+    if not path.exists():
+        raise TokenizerError(f"{where}: no such tokenizer file")
+    data = read_json(path, TokenizerError, shape=TOKENIZER_JSON)
+    model = data["model"]
+    if model["type"] != "BPE":
         raise TokenizerError(f"{where}: not a BPE tokenizer.json (model.type must be 'BPE')")
     if data.get("normalizer") is not None or model.get("byte_fallback"):
         raise TokenizerError(
             f"{where}: has a normalizer or byte_fallback; only byte-level BPE is supported"
         )
     pattern = _pattern_from_json(data.get("pre_tokenizer"), where)
-    vocab = model.get("vocab")
+    vocab = model["vocab"]
     added = data.get("added_tokens") or []
-    if not isinstance(vocab, dict) or not isinstance(added, list):
-        raise TokenizerError(f"{where}: model.vocab must be an object and added_tokens a list")
     by_id: dict[int, str] = {}
     special: dict[str, int] = {}
     # Added tokens (special or not) are matched whole and never merged: special tokens to us.
     entries = [(k, v, False) for k, v in vocab.items()]
-    entries += [
-        (e.get("content"), e.get("id"), True) if isinstance(e, dict) else (e, None, True)
-        for e in added
-    ]
+    entries += [(e["content"], e["id"], True) for e in added]
     for text, i, is_added in entries:
         if not isinstance(i, int) or not isinstance(text, str) or by_id.setdefault(i, text) != text:
             raise TokenizerError(f"{where}: bad or conflicting token entry {text!r:.60} -> {i!r}")
@@ -233,7 +239,11 @@ def load_tokenizer_json(path: str | Path) -> Tokenizer:
         raise TokenizerError(f"{where}: token ids are not 0..{len(by_id) - 1} without gaps")
     names = [by_id[i] for i in range(len(by_id))]
     config_file = path.with_name("tokenizer_config.json")
-    config = json.loads(config_file.read_text("utf-8")) if config_file.is_file() else {}
+    config = (
+        read_json(config_file, TokenizerError, shape=TOKENIZER_CONFIG)
+        if config_file.exists()
+        else {}
+    )
     eos = _token_id(config.get("eos_token"), special) if config else special.get(ENDOFTEXT)
     return build_tokenizer(
         names,
