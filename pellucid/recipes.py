@@ -36,6 +36,7 @@ from pellucid.model.config import PRESETS, ModelConfig
 from pellucid.model.transformer import Transformer
 from pellucid.tokenizer.bpe import Tokenizer
 from pellucid.tokenizer.formats import load_tokenizer
+from pellucid.train.memory import check_fits
 from pellucid.train.metrics import PLOT_FILE, measure_peak_flops, plot_curves, read_metrics
 from pellucid.train.objectives import lm_loss
 from pellucid.train.trainer import (
@@ -223,6 +224,8 @@ def pretrain(run: RunConfig, out_dir: Path, *, resume: bool = False) -> RunResul
     run = dataclasses.replace(
         run, model=dataclasses.replace(run.model, vocab_size=tokenizer.vocab_size)
     )
+    if resolve_device(run.train.device).type == "cpu":  # GPU memory is the device's to report
+        check_fits(run.model, run.train.batch_size)
     seed_everything(run.train.seed)
     model = Transformer(run.model)
     sampler = WindowSampler(
