@@ -42,7 +42,7 @@ def test_check_fits_names_what_it_needs():
 
 
 @pytest.mark.parametrize(
-    "override", ["model.n_layer=10000", "train.batch_size=1000000", "model.n_embd=24576", "model.ffn_dim=1000000"]
+    "override", ["model.n_layer=10000", "train.batch_size=1000000", "model.ffn_dim=1000000"]
 )
 def test_train_refuses_a_run_that_cannot_fit_before_allocating(override, tmp_path, capsys):
     corpus = tmp_path / "c.txt"
