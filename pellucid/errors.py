@@ -25,6 +25,16 @@ class GGUFFormatError(WeightsFormatError):
     """A GGUF file that breaks the format or our bounds."""
 
 
+class FileWriteError(PellucidError, OSError):
+    """A file that could not be written (disk full, a folder in the way); the old file is intact.
+
+    Also an OSError (with the errno of the failure), so code that handles failed writes as
+    OSError keeps doing so."""
+
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno 28] ..." form
+        return str(self.args[0]) if self.args else ""
+
+
 class CheckpointError(PellucidError):
     """A run directory with no usable checkpoint."""
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pellucid.errors import DataError, PellucidError
+from pellucid.errors import DataError, FileWriteError, PellucidError
 
 log = logging.getLogger("pellucid")
 
@@ -57,8 +57,11 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     On an exception the temp file is removed and `path` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         # mkstemp makes the file private (0600); give it the mode a plain open() would have
         os.fchmod(fd, 0o666 & ~_umask())
@@ -67,11 +70,42 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, FileWriteError):
+            raise _write_error(path, e) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _write_error(path: Path, e: OSError) -> FileWriteError:
+    """One line for a failed write: which file, why, and that nothing was lost."""
+    kept = "the previous file is intact" if path.is_file() else "nothing was written"
+    error = FileWriteError(f"could not write {path}: {e.strerror or e}; {kept}")
+    error.errno, error.strerror = e.errno, e.strerror  # for callers that tell EFBIG from ENOSPC
+    return error
+
+
+def check_output(path: str | Path, kind: str = "file") -> Path:
+    """Check, before any work, that `path` can be written as a `kind` ("file" or "dir").
+
+    Refuses a file where a folder is wanted and the reverse, a path under an existing file, and
+    a folder we may not write into, each with one FileWriteError line naming the path.
+    """
+    path = Path(path)
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise FileWriteError(f"{path} is a file; give a folder (or a new name)")
+    if kind == "file" and path.is_dir():
+        raise FileWriteError(f"{path} is a folder; give a file name")
+    parent = path if kind == "dir" else path.parent
+    while not parent.exists():  # the nearest existing ancestor must be a writable folder
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FileWriteError(f"{path}: {parent} is a file, so nothing can be made under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FileWriteError(f"{path}: no permission to write in {parent}")
+    return path
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:

@@ -146,3 +146,84 @@ def test_read_json_refuses_what_is_not_a_small_regular_json_file(tmp_path):
     for name, words in cases.items():
         with pytest.raises(DataError, match=words):
             read_json(tmp_path / name, max_bytes=100 if name == "big.json" else 1 << 20)
+
+
+@pytest.mark.parametrize(
+    ("make", "kind", "words"),
+    [
+        (lambda p: p.write_text("x"), "dir", "is a file; give a folder"),
+        (lambda p: p.mkdir(), "file", "is a folder; give a file name"),
+        (lambda p: None, "file", None),
+        (lambda p: None, "dir", None),
+    ],
+)
+def test_check_output_before_work(tmp_path, make, kind, words):
+    from pellucid.errors import FileWriteError
+
+    target = tmp_path / "out"
+    make(target)
+    if words is None:
+        assert files.check_output(target / "new" / "deeper", kind) == target / "new" / "deeper"
+        return
+    with pytest.raises(FileWriteError, match=words):
+        files.check_output(target, kind)
+
+
+def test_check_output_under_a_file_or_unwritable(tmp_path):
+    from pellucid.errors import FileWriteError
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileWriteError, match="is a file, so nothing can be made under it"):
+        files.check_output(tmp_path / "f" / "sub" / "x.html")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root may write anywhere
+        with pytest.raises(FileWriteError, match="no permission"):
+            files.check_output(locked / "x.gguf")
+
+
+DISK_FULL = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from pellucid import files
+    from pellucid.errors import PellucidError
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+    try:
+        files.atomic_write({path!r}, b"new" * 10_000)
+    except PellucidError as e:
+        print(e)
+        sys.exit(3)
+    """
+)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "tokenizer.json"
+    target.write_bytes(b"old")
+    code = DISK_FULL.format(path=str(target))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    line = proc.stdout.strip()
+    assert "\n" not in line and str(target) in line and "the previous file is intact" in line
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no temp file left
+
+
+def test_cli_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    from pellucid.cli import main
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    cases = [
+        ["tokenizer", "train", "--corpus", "nowhere", "--vocab-size", "300", "--out", str(a_file)],
+        ["export", "--model", "nowhere", "--format", "hf", "--out", str(a_file)],
+        ["export", "--model", "nowhere", "--format", "gguf", "--out", str(tmp_path)],
+        ["explain", "--model", "nowhere", "x", "--html", str(tmp_path)],
+        ["explain", "--model", "nowhere", "x", "--png", str(a_file)],
+        ["train", "--out", str(a_file / "run")],
+    ]
+    for argv in cases:  # "nowhere" would fail later: the path is refused first
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and ("is a file" in err or "is a folder" in err), err

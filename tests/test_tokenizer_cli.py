@@ -133,7 +133,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, corpus, capsys):
     bare.close()
     encode = ["tokenizer", "encode", "hello", "--tokenizer"]
     cases += [
-        ([*encode, str(tmp_path / "trunc")], "not a valid tokenizer.json"),
+        ([*encode, str(tmp_path / "trunc")], "tokenizer.json: not valid JSON"),
         ([*encode, str(tmp_path / "bare.gguf")], "has no tokenizer metadata"),
         ([*encode, str(tmp_path / "missing.json")], "no such tokenizer"),
     ]

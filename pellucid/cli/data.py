@@ -64,11 +64,10 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
     if args.tokenizer_cmd == "train":
         from pellucid.data.sources import load_corpus
-        from pellucid.errors import ConfigError
+        from pellucid.files import check_output
 
-        out = Path(args.out) / "tokenizer.json"
-        if out.parent.exists() and not out.parent.is_dir():  # say so before training, not after
-            raise ConfigError(f"--out {args.out} is a file; give a folder for tokenizer.json")
+        out = check_output(Path(args.out), "dir") / "tokenizer.json"  # before training, not after
+        check_output(out, "file")
         docs = load_corpus(args.corpus)
         n_chars = sum(len(d.text) for d in docs)
         logging.getLogger("pellucid").info(

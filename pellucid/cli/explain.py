@@ -41,9 +41,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from pellucid.explain import render
     from pellucid.explain.trace import explain
+    from pellucid.files import check_output
     from pellucid.infer.sampling import SamplingParams
     from pellucid.weights.resolve import load_model
 
+    if args.html:  # before the model loads and the forward runs, not after
+        check_output(args.html, "file")
+    if args.png:
+        check_output(args.png, "dir")
     model, tokenizer = load_model(args.model)[:2]
     params = SamplingParams(
         temperature=args.temperature,

@@ -139,9 +139,11 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from pellucid.files import check_output
     from pellucid.weights.gguf import save_gguf
     from pellucid.weights.hf import save_hf
 
+    check_output(args.out, "dir" if args.format == "hf" else "file")  # before loading the model
     loaded = load(args, need_tokenizer=False)
     template = loaded.template.source if loaded.template is not None else None
     kwargs = {"tokenizer": loaded.tokenizer, "chat_template": template}

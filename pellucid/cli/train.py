@@ -31,6 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from pellucid import recipes
     from pellucid.errors import ConfigError
+    from pellucid.files import check_output
 
     if args.resume:
         if args.config or args.out:
@@ -40,7 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = recipes.resume(Path(args.resume), args.overrides)
     else:
         run = recipes.load_run_config(args.config, args.overrides)
-        result = recipes.pretrain(run, Path(args.out) if args.out else recipes.default_run_dir())
+        out = check_output(args.out, "dir") if args.out else recipes.default_run_dir()
+        result = recipes.pretrain(run, out)
     _print_run(result)
     return 0
 
@@ -53,10 +55,10 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from pellucid import recipes
+    from pellucid.files import check_output
 
-    result = recipes.demo(args.minutes, Path(args.out) if args.out else None)
+    result = recipes.demo(args.minutes, check_output(args.out, "dir") if args.out else None)
     _print_run(result)
     return 0
