@@ -58,6 +58,11 @@ def test_unknown_keys_and_presets_suggest_the_right_one(tmp_path):
         ("data.val_fraction=0", "data.val_fraction"),
         ("train.lr=-1", "'train.lr'"),
         ("train.lr=nan", "'train.lr'"),
+        # These reached torch's AdamW (ValueError, IndexError) or trained with a negative decay.
+        ("train.betas=[0.9]", "'train.betas'"),
+        ("train.betas=[0.9,2]", "'train.betas'"),
+        ("train.eps=-1", "'train.eps'"),
+        ("train.weight_decay=-1", "'train.weight_decay'"),
     ],
 )
 def test_bad_values_name_the_key_in_one_line(override, key, capsys):

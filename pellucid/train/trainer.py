@@ -96,6 +96,17 @@ class TrainConfig:
                 )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"config key 'train.lr' must be a finite number > 0, got {self.lr}")
+        if not (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
+            raise ConfigError(
+                f"config key 'train.betas' must be two numbers in [0, 1), got {list(self.betas)}"
+            )
+        for name in ("eps", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > 0 if name == "eps" else value >= 0)):
+                rule = "> 0" if name == "eps" else ">= 0"
+                raise ConfigError(
+                    f"config key 'train.{name}' must be finite and {rule}, got {value}"
+                )
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(
                 f"config key 'train.min_lr' must be in [0, lr={self.lr}], got {self.min_lr}"
