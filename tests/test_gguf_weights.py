@@ -216,11 +216,21 @@ def test_export_round_trips_through_our_loader_and_the_gguf_package(tmp_path, qt
 
 
 @pytest.mark.parametrize(
-    "change", [{"pos": "learned"}, {"qk_norm": True}, {"bias": True}, {"mlp": "gelu"}]
+    "change",
+    [
+        {"pos": "learned"},
+        {"bias": True},
+        {"qk_norm": True, "bias": True},
+        {"mlp": "gelu"},
+        {"norm": "layernorm"},
+    ],
 )
-def test_export_of_non_llama_models_names_the_reason(tmp_path, change):
+def test_export_of_non_llama_models_names_the_field(tmp_path, change):
     cfg = dataclasses.replace(ModelConfig(), **change)
-    with pytest.raises(WeightsFormatError, match="llama architecture"):
+    key = next(k for k in change if k != "qk_norm")  # QK-norm alone exports, as qwen3
+    with pytest.raises(
+        WeightsFormatError, match=f"llama or qwen3 architecture, which needs {key}="
+    ):
         save_gguf(Transformer(cfg), tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 

@@ -145,7 +145,8 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, cfg):
 
 
 def test_config_mapping_round_trips():
-    for cfg in (GPT2_LIKE, LLAMA_LIKE, dataclasses.replace(LLAMA_LIKE, head_dim=32)):
+    qwen3_like = dataclasses.replace(LLAMA_LIKE, qk_norm=True, head_dim=32, tie_embeddings=True)
+    for cfg in (GPT2_LIKE, LLAMA_LIKE, dataclasses.replace(LLAMA_LIKE, head_dim=32), qwen3_like):
         assert config_from_hf(config_to_hf(cfg)) == cfg
 
 
@@ -159,8 +160,9 @@ def test_transformers4_style_rope_keys_are_read():
 @pytest.mark.parametrize(
     "cfg",
     [
-        dataclasses.replace(LLAMA_LIKE, qk_norm=True),
+        dataclasses.replace(LLAMA_LIKE, qk_norm=True, bias=True),
         dataclasses.replace(GPT2_LIKE, pos="sinusoidal"),
+        dataclasses.replace(GPT2_LIKE, n_kv_head=2),
         dataclasses.replace(LLAMA_LIKE, mlp="gelu"),
     ],
 )

@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp's format) <-> pellucid models, for the `llama` architecture.
+"""GGUF (llama.cpp's format) <-> pellucid models, for the `llama` and `qwen3` architectures.
 
 Reading: our bounded container parser (pellucid/gguf_reader.py) gives the metadata and tensor
 table; this module maps the metadata onto ModelConfig, reads each tensor's bytes from a
@@ -9,9 +9,12 @@ row permutation llama.cpp applies to the query and key projections.
     >>> model = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")     # float32 Transformer
     >>> save_gguf(model, "out.gguf", qtype="q8_0", tokenizer=tok)
 
-Why the permutation: llama.cpp rotates adjacent pairs (2i, 2i+1) of each head, Hugging Face (and
-we) rotate (i, i + D/2). convert_hf_to_gguf.py reorders the rows of q_proj and k_proj so the
-former computes the same thing; we reverse that on load and redo it on export.
+Why the permutation: llama.cpp rotates adjacent pairs (2i, 2i+1) of each head for `llama`,
+Hugging Face (and we) rotate (i, i + D/2). convert_hf_to_gguf.py reorders the rows of q_proj and
+k_proj so the former computes the same thing; we reverse that on load and redo it on export.
+`qwen3` is a NEOX-RoPE architecture in llama.cpp (rotate-half, as ours), so its rows are stored
+as they are; it adds `attn_q_norm`/`attn_k_norm` (per-head RMSNorm before RoPE: our qk_norm).
+A pellucid model with qk_norm exports as qwen3, one without as llama.
 
 GGUF lists dimensions fastest first (ne[0] = row length), the reverse of numpy/torch.
 """
@@ -67,8 +70,18 @@ _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOST
 _FILE_TYPES["q8_0"] = gguf.LlamaFileType.MOSTLY_Q8_0
 
 
+# GGUF architecture -> the one ModelConfig field that differs between them; both are otherwise
+# RoPE + RMSNorm + SwiGLU + GQA without biases.
+ARCHITECTURES = {"llama": {"qk_norm": False}, "qwen3": {"qk_norm": True}}
+
+
+def architecture_of(cfg: ModelConfig) -> str:
+    """The GGUF architecture a config exports as: qwen3 with QK-norm, llama without."""
+    return "qwen3" if cfg.qk_norm else "llama"
+
+
 def gguf_names(cfg: ModelConfig) -> dict[str, str]:
-    """Our tensor name -> llama.cpp's, for a llama-architecture config (the one name map)."""
+    """Our tensor name -> llama.cpp's, for a llama or qwen3 config (the one name map)."""
     names = {"tok_emb.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
     if not cfg.tie_embeddings:
         names["lm_head.weight"] = "output.weight"
@@ -85,6 +98,11 @@ def gguf_names(cfg: ModelConfig) -> dict[str, str]:
             f"{o}mlp.up_proj.weight": f"{g}ffn_up.weight",
             f"{o}mlp.down_proj.weight": f"{g}ffn_down.weight",
         }
+        if cfg.qk_norm:
+            names |= {
+                f"{o}attn.q_norm.weight": f"{g}attn_q_norm.weight",
+                f"{o}attn.k_norm.weight": f"{g}attn_k_norm.weight",
+            }
     return names
 
 
@@ -110,8 +128,10 @@ def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
 
 
 def _qk_heads(cfg: ModelConfig) -> dict[str, int]:
-    """{our name: head count} of the tensors llama.cpp permutes."""
-    heads = {}
+    """{our name: head count} of the tensors llama.cpp permutes (none for qwen3: NEOX RoPE)."""
+    heads: dict[str, int] = {}
+    if architecture_of(cfg) != "llama":
+        return heads
     for i in range(cfg.n_layer):
         heads[f"blocks.{i}.attn.q_proj.weight"] = cfg.n_head
         heads[f"blocks.{i}.attn.k_proj.weight"] = cfg.n_kv_head
@@ -197,42 +217,43 @@ def _shortest(value: Any) -> Any:
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
-    """Map `llama` metadata onto ModelConfig; every value is type- and range-checked there."""
+    """Map `llama` or `qwen3` metadata onto ModelConfig; every value is checked there."""
     arch = metadata.get("general.architecture")
-    if arch != "llama":
+    if arch not in ARCHITECTURES:
         raise GGUFFormatError(
-            f"unsupported GGUF architecture {arch!r:.40} (pellucid reads 'llama')"
+            f"unsupported GGUF architecture {arch!r:.40} (pellucid reads {', '.join(map(repr, ARCHITECTURES))})"
         )
-    scaling = metadata.get("llama.rope.scaling.type", "none")
+    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
         raise GGUFFormatError(f"unsupported RoPE scaling {scaling!r:.40} in GGUF metadata")
     n_embd, n_head = (
-        _meta(metadata, "llama.embedding_length"),
-        _meta(metadata, "llama.attention.head_count"),
+        _meta(metadata, f"{arch}.embedding_length"),
+        _meta(metadata, f"{arch}.attention.head_count"),
     )
     tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if isinstance(tokens, list) else _meta(metadata, "llama.vocab_size")
+    vocab = len(tokens) if isinstance(tokens, list) else _meta(metadata, f"{arch}.vocab_size")
     fields = {
         "vocab_size": vocab,
-        "context_len": _meta(metadata, "llama.context_length"),
-        "n_layer": _meta(metadata, "llama.block_count"),
+        "context_len": _meta(metadata, f"{arch}.context_length"),
+        "n_layer": _meta(metadata, f"{arch}.block_count"),
         "n_head": n_head,
-        "n_kv_head": metadata.get("llama.attention.head_count_kv", n_head),
+        "n_kv_head": metadata.get(f"{arch}.attention.head_count_kv", n_head),
         "n_embd": n_embd,
-        "ffn_dim": _meta(metadata, "llama.feed_forward_length"),
-        "head_dim": metadata.get("llama.attention.key_length"),
-        "rope_theta": _shortest(metadata.get("llama.rope.freq_base", 10_000.0)),
-        "norm_eps": _shortest(_meta(metadata, "llama.attention.layer_norm_rms_epsilon")),
+        "ffn_dim": _meta(metadata, f"{arch}.feed_forward_length"),
+        "head_dim": metadata.get(f"{arch}.attention.key_length"),
+        "rope_theta": _shortest(metadata.get(f"{arch}.rope.freq_base", 10_000.0)),
+        "norm_eps": _shortest(_meta(metadata, f"{arch}.attention.layer_norm_rms_epsilon")),
         "pos": "rope",
         "norm": "rmsnorm",
         "mlp": "swiglu",
         "tie_embeddings": "output.weight" not in tensor_names,
+        **ARCHITECTURES[arch],
     }
     try:
         cfg = ModelConfig(**fields)
     except (ConfigError, TypeError, ValueError) as e:
         raise GGUFFormatError(f"GGUF metadata: {e}") from None
-    for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
+    for key in (f"{arch}.attention.value_length", f"{arch}.rope.dimension_count"):
         if metadata.get(key, cfg.head_dim) != cfg.head_dim:  # partial rotary, odd value heads
             raise GGUFFormatError(
                 f"unsupported GGUF metadata {key}={metadata[key]} (head_dim {cfg.head_dim})"
@@ -256,7 +277,7 @@ def load_gguf(
     allow_nonfinite: bool = False,
     device: torch.device | str | None = None,
 ) -> Transformer:
-    """A llama-architecture GGUF file -> Transformer (dequantized to float32, then `dtype`).
+    """A llama or qwen3 GGUF file -> Transformer (dequantized to float32, then `dtype`).
 
     The whole tensor table is checked (names, shapes, types, offsets) before anything is
     dequantized, so a bad file fails fast with one GGUFFormatError and nothing half-loaded.
@@ -319,11 +340,16 @@ def smollm2_gguf_path() -> Path:
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
-    llama = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False, "bias": False}
-    wrong = {k: getattr(cfg, k) for k, v in llama.items() if getattr(cfg, k) != v}
+    """Refuse, by field, what neither llama nor qwen3 computes (GPT-2's parts, biases)."""
+    need = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+    wrong = ", ".join(
+        f"{k}={v} (this model has {getattr(cfg, k)})"
+        for k, v in need.items()
+        if getattr(cfg, k) != v
+    )
     if wrong:
         raise WeightsFormatError(
-            f"GGUF export writes the llama architecture, which needs {llama}; this model has {wrong}"
+            f"GGUF export writes the llama or qwen3 architecture, which needs {wrong}"
         )
 
 
@@ -354,9 +380,17 @@ def _encode_tensor(w: gguf.GGUFWriter, name: str, t: Tensor, qtype: Q) -> None:
         w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
 
 
-def _add_tokenizer(w: gguf.GGUFWriter, tokenizer: Tokenizer) -> None:
+def _add_tokenizer(w: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
     """Vocabulary, merges and special ids in llama.cpp's `gpt2` (byte-level BPE) layout: tokens
-    as GPT-2 byte-alphabet strings, special tokens as their text, merges as "left right"."""
+    as GPT-2 byte-alphabet strings, special tokens as their text, merges as "left right".
+
+    llama.cpp sizes the embedding by the token list, so a model padded past its tokenizer
+    (vocab 50304 for 50257 tokens) gets `[PAD<i>]` tokens of type UNUSED, as convert_hf_to_gguf.py
+    writes them."""
+    if tokenizer.vocab_size > vocab_size:
+        raise WeightsFormatError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}"
+        )
     pre = GGUF_PRE_NAMES.get(tokenizer.pattern)
     if pre is None:
         raise WeightsFormatError(
@@ -367,9 +401,11 @@ def _add_tokenizer(w: gguf.GGUFWriter, tokenizer: Tokenizer) -> None:
     tokens = [special.get(i) or bytes_to_str(b) for i, b in enumerate(tokenizer.vocab)]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
     control, normal = gguf.TokenType.CONTROL, gguf.TokenType.NORMAL
-    w.add_token_types([control if i in special else normal for i in range(len(tokens))])
+    types = [control if i in special else normal for i in range(len(tokens))]
+    pad = range(len(tokens), vocab_size)
+    w.add_token_list(tokens + [f"[PAD{i}]" for i in pad])
+    w.add_token_types(types + [gguf.TokenType.UNUSED] * len(pad))
     w.add_token_merges([f"{tokens[a]} {tokens[b]}" for a, b in tokenizer.merges])
     if tokenizer.bos_id is not None:
         w.add_bos_token_id(tokenizer.bos_id)
@@ -386,7 +422,7 @@ def save_gguf(
     tokenizer: Tokenizer | None = None,
     chat_template: str | None = None,
 ) -> Path:
-    """Write a llama-architecture GGUF (qtype "f32", "f16" or "q8_0"), atomically.
+    """Write a llama GGUF, or qwen3 for a QK-norm model (qtype "f32", "f16" or "q8_0"), atomically.
 
     With a tokenizer, its vocabulary, merges and special ids go into the metadata too, so
     llama.cpp-style readers (and our own loader) need nothing else.
@@ -398,10 +434,10 @@ def save_gguf(
     cfg = model.cfg
     _check_exportable(cfg)
     path = Path(path)
-    writer = gguf.GGUFWriter(None, "llama")
+    writer = gguf.GGUFWriter(None, architecture_of(cfg))
     _add_metadata(writer, cfg, qtype)
     if tokenizer is not None:
-        _add_tokenizer(writer, tokenizer)
+        _add_tokenizer(writer, tokenizer, cfg.vocab_size)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
     state = model.state_dict()

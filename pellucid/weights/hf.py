@@ -1,13 +1,16 @@
 """Hugging Face format: a folder of config.json + *.safetensors <-> a pellucid Transformer.
 
-Two families cover what our ModelConfig can express:
+Three families cover what our ModelConfig can express:
 
     GPT2LMHeadModel   learned positions, LayerNorm with bias, GELU (tanh) MLP, fused q/k/v
     LlamaForCausalLM  RoPE (rotate-half, as ours), RMSNorm, SwiGLU, grouped-query attention
+    Qwen3ForCausalLM  Llama plus QK-norm: a per-head RMSNorm (weight: head_dim, eps: rms_norm_eps)
+                      on q and k before RoPE, exactly our `qk_norm`; no biases at all
 
 Each family's tensor names and config keys live in ONE place below (`_gpt2_names`,
 `_llama_names`, and the Family records) and serve both directions: loading renames their tensors
-to ours, exporting renames ours to theirs.
+to ours, exporting renames ours to theirs. Export picks the first family that maps the config
+back to itself unchanged; a model none represents exactly is refused, naming the field.
 
     >>> model = load_hf("path/to/gpt2")                      # config.json + model.safetensors
     >>> save_hf(model, "out/", tokenizer=tok)                # AutoModelForCausalLM loads out/
@@ -105,6 +108,11 @@ def _llama_names(cfg: ModelConfig) -> list[Rename]:
             for p in ("q_proj", "k_proj", "v_proj", "o_proj")
             for kind in kinds
         ]
+        if cfg.qk_norm:  # Qwen3's names for the same per-head norms
+            names += [
+                Rename((f"{o}attn.{p}.weight",), f"{t}self_attn.{p}.weight")
+                for p in ("q_norm", "k_norm")
+            ]
         names += [
             Rename((f"{o}mlp.{p}.{kind}",), f"{t}mlp.{p}.{kind}")
             for p in ("gate_proj", "up_proj", "down_proj")
@@ -141,7 +149,13 @@ GPT2 = Family(
         "norm_eps": "layer_norm_epsilon",
         "tie_embeddings": "tie_word_embeddings",
     },
-    ours_fixed={"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True},
+    ours_fixed={
+        "pos": "learned",
+        "norm": "layernorm",
+        "mlp": "gelu",
+        "bias": True,
+        "qk_norm": False,
+    },
     theirs_fixed={
         "activation_function": "gelu_new",
         "scale_attn_weights": True,
@@ -169,7 +183,7 @@ LLAMA = Family(
         "bias": "attention_bias",
         "tie_embeddings": "tie_word_embeddings",
     },
-    ours_fixed={"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu"},
+    ours_fixed={"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False},
     theirs_fixed={"hidden_act": "silu", "rope_type": "default"},
     defaults={
         "num_key_value_heads": None,
@@ -182,7 +196,37 @@ LLAMA = Family(
     names=_llama_names,
     ignore=r"\.rotary_emb\.inv_freq$",
 )
-FAMILIES = (GPT2, LLAMA)
+# Qwen3's MLP never has biases and its attention_bias covers q/k/v/o only, so only bias=False maps.
+QWEN3 = Family(
+    architecture="Qwen3ForCausalLM",
+    model_type="qwen3",
+    keys={k: v for k, v in LLAMA.keys.items() if k != "bias"},
+    ours_fixed={
+        "pos": "rope",
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+        "qk_norm": True,
+        "bias": False,
+    },
+    theirs_fixed={
+        "hidden_act": "silu",
+        "rope_type": "default",
+        "attention_bias": False,
+        "use_sliding_window": False,
+    },
+    defaults={  # Qwen3Config's, which differ from Llama's in head_dim
+        "num_key_value_heads": None,
+        "head_dim": 128,
+        "rope_theta": 10_000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    },
+    names=_llama_names,
+    ignore=LLAMA.ignore,
+    extra={"sliding_window": None, "attention_dropout": 0.0},
+)
+FAMILIES = (GPT2, LLAMA, QWEN3)
+_ROPE_FAMILIES = (LLAMA, QWEN3)  # transformers 5 writes their RoPE settings in rope_parameters
 # Kept alike: a GELU MLP is what the tanh approximation computes (transformers' gelu_new).
 _SAME = {"gelu_pytorch_tanh": "gelu_new"}
 
@@ -233,6 +277,11 @@ def config_from_hf(c: dict[str, Any]) -> ModelConfig:
     """Map a transformers config.json (already parsed) onto ModelConfig, checking every value."""
     fam = family_of(c)
     c = _flatten_rope(c)
+    layer_types = c.get("layer_types") or []
+    if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
+        raise WeightsFormatError(
+            f"config.json: layer_types={layer_types!r:.60} is not supported (need full_attention only)"
+        )
     for key, want in fam.theirs_fixed.items():
         got = c.get(key, want)
         if _SAME.get(got, got) != want:
@@ -252,30 +301,47 @@ def config_from_hf(c: dict[str, Any]) -> ModelConfig:
         raise WeightsFormatError(f"config.json ({fam.architecture}): {e}") from None
 
 
+def _hf_config(fam: Family, cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json `fam` would have for `cfg` (not yet checked to mean the same model)."""
+    c = {"architectures": [fam.architecture], "model_type": fam.model_type}
+    c |= fam.theirs_fixed | fam.extra | {t: getattr(cfg, o) for o, t in fam.keys.items()}
+    if fam in _ROPE_FAMILIES:
+        c.pop("rope_type")
+        c["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if fam is LLAMA:
+        c["mlp_bias"] = cfg.bias
+    return c
+
+
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The config.json of the first family that represents `cfg` exactly (checked by mapping
-    it back). Raises WeightsFormatError when none does."""
+    it back). Raises WeightsFormatError naming, for the closest families, each field they lack."""
     plain = dataclasses.replace(cfg, dropout=0.0)
+    misses = []
     for fam in FAMILIES:
-        if any(getattr(cfg, k) != v for k, v in fam.ours_fixed.items()):
-            continue
-        c = {"architectures": [fam.architecture], "model_type": fam.model_type}
-        c |= fam.theirs_fixed | fam.extra | {t: getattr(cfg, o) for o, t in fam.keys.items()}
-        if fam is LLAMA:
-            c.pop("rope_type")
-            c["mlp_bias"] = cfg.bias
-            c["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-        back = config_from_hf(c)
-        if cfg.pos != "rope":  # rope_theta means nothing without RoPE; GPT-2 has no key for it
-            back = dataclasses.replace(back, rope_theta=cfg.rope_theta)
-        if back == plain:
-            return c
-    raise WeightsFormatError(
-        "no Hugging Face architecture matches this model: GPT-2 needs pos=learned, norm=layernorm, "
-        "mlp=gelu, bias, no GQA, no qk_norm; Llama needs pos=rope, norm=rmsnorm, mlp=swiglu, no qk_norm "
-        f"(got pos={cfg.pos}, norm={cfg.norm}, mlp={cfg.mlp}, bias={cfg.bias}, qk_norm={cfg.qk_norm}, "
-        f"n_kv_head={cfg.n_kv_head})"
+        needs = {k: v for k, v in fam.ours_fixed.items() if getattr(cfg, k) != v}
+        if not needs:
+            c = _hf_config(fam, cfg)
+            back = config_from_hf(c)
+            if cfg.pos != "rope":  # rope_theta means nothing without RoPE; GPT-2 has no key for it
+                back = dataclasses.replace(back, rope_theta=cfg.rope_theta)
+            if back == plain:
+                return c
+            # A size the family cannot hold (GPT-2: no GQA, no head_dim): what it would become.
+            needs = {
+                f.name: getattr(back, f.name)
+                for f in dataclasses.fields(plain)
+                if getattr(back, f.name) != getattr(plain, f.name)
+            }
+        misses.append((len(needs), fam.architecture, needs))
+    fewest = min(n for n, _, _ in misses)
+    closest = "; ".join(
+        f"{arch} needs "
+        + ", ".join(f"{k}={v} (this model has {getattr(cfg, k)})" for k, v in needs.items())
+        for n, arch, needs in misses
+        if n == fewest
     )
+    raise WeightsFormatError(f"no Hugging Face architecture matches this model: {closest}")
 
 
 def _to_theirs(ours: dict[str, Tensor], names: list[Rename]) -> dict[str, Tensor]:
@@ -338,7 +404,7 @@ def load_hf(
     allow_nonfinite: bool = False,
     device: torch.device | str | None = None,
 ) -> Transformer:
-    """A transformers model folder (GPT-2 or Llama, safetensors) -> Transformer in `dtype`.
+    """A transformers model folder (GPT-2, Llama or Qwen3; safetensors) -> Transformer in `dtype`.
 
     Every problem (unsupported architecture, bad config value, missing/unexpected/mis-shaped
     tensor, NaN) raises one WeightsFormatError line before the model is built.
