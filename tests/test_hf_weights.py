@@ -202,6 +202,11 @@ def _edit_config(folder, **changes):
         ({"n_head": 5}, "n_embd"),
         ({"n_embd": "64"}, "n_embd"),
         ({"n_layer": None}, "missing key 'n_layer'"),
+        # Valid JSON of the wrong shape (each was a traceback from inside the mapping).
+        ({"architectures": "GPT2LMHeadModel"}, "'architectures' must be a list"),
+        ({"architectures": [3]}, "'architectures[0]' must be a string"),
+        ({"rope_scaling": [1.0]}, "'rope_scaling' must be an object"),
+        ({"model_type": {"gpt2": 1}}, "'model_type' must be a string"),
     ],
 )
 def test_bad_config_rejected_before_loading_weights(gpt2_dir, changes, words):

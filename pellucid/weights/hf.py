@@ -34,7 +34,7 @@ from safetensors.torch import save
 from torch import Tensor
 
 from pellucid.errors import ConfigError, WeightsFormatError
-from pellucid.files import atomic_write
+from pellucid.files import atomic_write, read_json
 from pellucid.model.config import ModelConfig
 from pellucid.model.transformer import Transformer
 from pellucid.weights.safety import (
@@ -231,18 +231,20 @@ _ROPE_FAMILIES = (LLAMA, QWEN3)  # transformers 5 writes their RoPE settings in 
 _SAME = {"gelu_pytorch_tanh": "gelu_new"}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise WeightsFormatError(f"{path}: not found")
-    if path.stat().st_size > MAX_JSON:
-        raise WeightsFormatError(f"{path}: {path.stat().st_size} bytes is too large for a config")
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsFormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise WeightsFormatError(f"{path}: expected a JSON object")
-    return data
+# The fields the readers below rely on, with their types (pellucid.files.check_shape); the
+# numbers they copy into a ModelConfig are checked there.
+CONFIG_SHAPE = {
+    "architectures?": [str],
+    "model_type?": str,
+    "layer_types?": [str],
+    "rope_parameters?": dict,
+    "rope_scaling?": dict,
+}
+INDEX_SHAPE = {"weight_map": dict}
+
+
+def _read_json(path: Path, shape: dict[str, Any]) -> dict[str, Any]:
+    return read_json(path, WeightsFormatError, shape=shape, max_bytes=MAX_JSON)
 
 
 def _flatten_rope(c: dict[str, Any]) -> dict[str, Any]:
@@ -378,8 +380,8 @@ def _read_shards(folder: Path, allow_nonfinite: bool) -> dict[str, Tensor]:
                 f"{folder}: no model.safetensors or model.safetensors.index.json"
             )
         return load_safetensors(single, allow_nonfinite=allow_nonfinite)
-    weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    weight_map = _read_json(index, INDEX_SHAPE)["weight_map"]
+    if not all(isinstance(v, str) for v in weight_map.values()):
         raise WeightsFormatError(f"{index.name}: 'weight_map' must map tensor names to shard files")
     tensors: dict[str, Tensor] = {}
     for shard in sorted(set(weight_map.values())):
@@ -412,7 +414,7 @@ def load_hf(
     folder = Path(folder)
     if not folder.is_dir():
         raise WeightsFormatError(f"{folder}: not a model folder")
-    c = _read_json(folder / "config.json")
+    c = _read_json(folder / "config.json", CONFIG_SHAPE)
     fam = family_of(c)
     cfg = config_from_hf(c)
     theirs = _read_shards(folder, allow_nonfinite)
