@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 
 from pellucid import config
+from pellucid.data.datasets import resolve_dataset
 from pellucid.data.finetune import (
     ExampleSampler,
     collate_packed,
@@ -125,11 +126,7 @@ def load_finetune_config(
 
 
 def _data_path(spec: str) -> Path:
-    """A registered dataset name -> its cached file (data/datasets.py when present), else a path."""
-    try:
-        from pellucid.data.datasets import resolve_dataset  # the named sources (issue 10 item 4)
-    except ImportError:
-        return Path(spec)
+    """A registered dataset name (python-faq, spam, ...) -> its cached file; else the path."""
     return resolve_dataset(spec)
 
 
