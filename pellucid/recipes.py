@@ -289,7 +289,7 @@ def demo(minutes: float = 5.0, out_dir: Path | None = None) -> RunResult:
 # --- report --------------------------------------------------------------------------------------
 
 
-def _mfu(state: TrainState, cfg: TrainConfig) -> float:
+def run_mfu(state: TrainState, cfg: TrainConfig) -> float:
     """Model FLOP/s over the steps / the measured matmul peak of the run's device and dtype."""
     device = resolve_device(cfg.device)
     peak = measure_peak_flops(str(device), resolve_dtype(cfg.dtype, device))
@@ -329,7 +329,7 @@ def write_report(
         f"- {state.flops:.3g} FLOPs in {state.train_time_s:.0f} s of training steps "
         f"({wall_s:.0f} s wall time with evaluation and checkpoints, this session)",
         f"- {state.tokens:,} tokens, {tps:,.0f} tokens/s on {run.train.device} "
-        f"({torch.get_num_threads()} threads), MFU {100 * _mfu(state, run.train):.1f}% of this "
+        f"({torch.get_num_threads()} threads), MFU {100 * run_mfu(state, run.train):.1f}% of this "
         "machine's measured matmul peak",
         "",
         "## Samples (temperature 0.8, top-k 50)",

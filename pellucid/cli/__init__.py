@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pellucid import __version__
 from pellucid.cli.data import add_data, add_tokenizer
 from pellucid.cli.explain import add_explain, add_explain_train
+from pellucid.cli.finetune import add_eval, add_finetune
 from pellucid.cli.generate import add_chat, add_export, add_generate
 from pellucid.cli.train import add_demo, add_train
 from pellucid.errors import PellucidError
@@ -30,6 +31,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_demo,
     add_explain,
     add_explain_train,
+    add_finetune,
+    add_eval,
 ]
 
 

@@ -37,6 +37,24 @@ __all__ = ["Trace", "Transformer"]
 _RESIDUAL_PROJECTIONS = ("attn.o_proj.weight", "mlp.down_proj.weight")
 
 
+def segment_frame(segments: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions and attention mask for rows holding several examples (packing, left padding).
+
+    segments: (B, T) int64, one id per example, equal ids contiguous (e.g. [1 1 1 2 2 0 0]).
+    Returns pos (B, T), restarting at 0 where each segment starts, and mask (B, 1, T, T) bool:
+    a token sees the earlier tokens of its own segment only (block-diagonal causal), so an
+    example's logits do not depend on its neighbours in the row.
+    """
+    B, T = segments.shape
+    idx = torch.arange(T, device=segments.device).expand(B, T)  # (B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # segment start
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return idx - first, (same & causal)[:, None]
+
+
 class Transformer(nn.Module):
     """A decoder-only transformer built from a ModelConfig (GPT-2 and Llama families alike)."""
 
@@ -113,18 +131,29 @@ class Transformer(nn.Module):
         return model.to(device)
 
     def forward(
-        self, ids: Tensor, *, cache: KVCache | None = None, trace: Trace | None = None
+        self,
+        ids: Tensor,
+        *,
+        cache: KVCache | None = None,
+        trace: Trace | None = None,
+        segments: Tensor | None = None,
     ) -> Tensor:
         """ids (B, T) int64 -> logits (B, T, vocab_size) float32.
 
         With `cache`, row b's tokens take positions cache.lengths[b] + t and see cache positions
         up to there; their K/V are written into the cache, whose lengths the caller advances.
-        Without a cache, attention is plain causal over positions 0 .. T-1.
+        Without a cache, attention is plain causal over positions 0 .. T-1. With `segments`
+        (B, T) int64, see `segment_frame`: several examples share a row without seeing each other.
         """
-        return self.logits(self.forward_hidden(ids, cache=cache, trace=trace))
+        return self.logits(self.forward_hidden(ids, cache=cache, trace=trace, segments=segments))
 
     def forward_hidden(
-        self, ids: Tensor, *, cache: KVCache | None = None, trace: Trace | None = None
+        self,
+        ids: Tensor,
+        *,
+        cache: KVCache | None = None,
+        trace: Trace | None = None,
+        segments: Tensor | None = None,
     ) -> Tensor:
         """ids (B, T) int64 -> final hidden states (B, T, C), after the final norm."""
         B, T = ids.shape
@@ -134,6 +163,10 @@ class Transformer(nn.Module):
                     f"context length exceeded: {T} tokens, the model's context_len is {self.cfg.context_len}"
                 )
             pos, mask = torch.arange(T, device=ids.device)[None], None  # (1, T)
+            if segments is not None:
+                pos, mask = segment_frame(segments)
+        elif segments is not None:
+            raise PellucidError("segments (packed rows) cannot be combined with a KV cache")
         else:
             if cache.batch_size != B:
                 raise PellucidError(f"batch of {B} rows given to a KV cache of {cache.batch_size}")

@@ -240,6 +240,53 @@ class ChatTemplate:
         text = self.render(messages, add_generation_prompt=add_generation_prompt)
         return tokenizer.encode(text, allowed_special="all")
 
+    def spans(self, messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, bool]]:
+        """The rendered conversation cut into (text, is_assistant) pieces, in order.
+
+        Rendered prefix by prefix: assistant message i's piece is what the template adds after
+        the prompt for it (`messages[:i]` with the generation prompt) up to `messages[:i + 1]`:
+        the reply and its end-of-turn token. Whitespace after that token stays unmasked (the
+        model stops at the token and never writes it). A template whose renders do not extend
+        one another (one that rewrites earlier turns) is refused, not guessed at.
+        """
+        pieces: list[tuple[str, bool]] = []
+        done = ""  # the text covered by pieces so far
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            through = self.render(messages[: i + 1], add_generation_prompt=False)
+            if not (before.startswith(done) and through.startswith(before)):
+                raise TokenizerError(
+                    f"the chat template re-renders earlier turns (at message {i}); "
+                    "cannot tell which tokens are the assistant's"
+                )
+            reply = through[len(before) :]
+            tail = len(reply) - len(reply.rstrip())
+            pieces += [(before[len(done) :], False), (reply[: len(reply) - tail], True)]
+            done = through[: len(through) - tail]
+        full = self.render(messages, add_generation_prompt=False)
+        if not full.startswith(done):
+            raise TokenizerError("the chat template re-renders earlier turns at the end")
+        pieces.append((full[len(done) :], False))
+        return [(text, flag) for text, flag in pieces if text]
+
+    def encode_with_mask(
+        self, tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[int], list[bool]]:
+        """The conversation's ids and, per id, whether it is an assistant token (carries loss).
+
+        Each piece of `spans` is tokenized on its own, so a token never straddles the boundary
+        between prompt and reply: every id is wholly the user's or wholly the assistant's.
+        """
+        ids: list[int] = []
+        mask: list[bool] = []
+        for text, is_assistant in self.spans(messages):
+            piece = tokenizer.encode(text, allowed_special="all")
+            ids += piece
+            mask += [is_assistant] * len(piece)
+        return ids, mask
+
 
 def _token_text(value: Any) -> str:
     """tokenizer_config.json gives special tokens as a string or as {"content": ...}."""

@@ -43,9 +43,11 @@ def lm_loss(model: nn.Module, batch: Batch) -> LossOutput:
     """Next-token cross-entropy, summed over the targets that are not IGNORE_INDEX.
 
     batch.inputs, batch.targets: (B, T) int64; targets are the inputs shifted left by one, with
-    IGNORE_INDEX where no loss is wanted. The model maps (B, T) ids to (B, T, V) logits.
+    IGNORE_INDEX where no loss is wanted. The model maps (B, T) ids to (B, T, V) logits. A batch
+    with `segments` (B, T) (packed examples) passes them on, so examples never see each other.
     """
-    logits = model(batch.inputs)  # (B, T, V)
+    segments = getattr(batch, "segments", None)  # packed rows (data/finetune.py)
+    logits = model(batch.inputs) if segments is None else model(batch.inputs, segments=segments)
     # float32 for the softmax even under bf16 autocast: the log-sum-exp over a large vocab is
     # where low precision hurts most.
     loss_sum = F.cross_entropy(
@@ -69,3 +71,16 @@ def sequence_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     safe = targets.masked_fill(~mask, 0)  # any valid index; masked out below
     picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return (picked * mask).sum(dim=-1)
+
+
+def class_loss(model: nn.Module, batch: Batch) -> LossOutput:
+    """Cross-entropy of a classifier's logits against each row's label, summed over rows.
+
+    batch.inputs: (B, T) int64; batch.segments: (B, T) int64, 1 real / 0 padding;
+    batch.targets: (B,) int64 label indices. The model maps them to (B, n_labels) logits.
+    Metrics: the batch's accuracy.
+    """
+    logits = model(batch.inputs, segments=batch.segments)  # (B, n_labels)
+    loss_sum = F.cross_entropy(logits.float(), batch.targets, reduction="sum")
+    accuracy = (logits.argmax(-1) == batch.targets).float().mean().item()
+    return LossOutput(loss_sum, batch.n_targets, {"accuracy": accuracy})

@@ -72,7 +72,10 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
     tensors: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    frozen = frozen_names(model)
     for name, t in model.state_dict().items():
+        if name in frozen:
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in seen:
             aliases[name] = seen[key]
@@ -80,6 +83,15 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
         seen[key] = name
         tensors[name] = t.detach().to("cpu", copy=True).contiguous()
     return tensors, aliases
+
+
+def frozen_names(model: nn.Module) -> set[str]:
+    """Names of the frozen parameters when some parameters train (LoRA, a classifier's last
+    blocks): those belong to the base model the run names, so checkpoints leave them out.
+    Empty when everything trains, or nothing does (a plain model, saved whole)."""
+    params = list(model.named_parameters(remove_duplicate=False))
+    frozen = {n for n, p in params if not p.requires_grad}
+    return frozen if len(frozen) < len(params) else set()
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
@@ -293,7 +305,7 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
             f"{file} does not fit the model: missing {missing}, unexpected {unexpected}"
         )
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(tensors, strict=not frozen_names(model))
     except RuntimeError as e:
         raise CheckpointError(
             f"{file} does not fit the model: {str(e).splitlines()[-1].strip()}"
@@ -301,7 +313,7 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
 
 
 def _key_diff(model: nn.Module, tensors: dict[str, Tensor]) -> tuple[list[str], list[str]]:
-    want = set(model.state_dict())
+    want = set(model.state_dict()) - frozen_names(model)
     return sorted(want - set(tensors)), sorted(set(tensors) - want)
 
 

@@ -10,6 +10,9 @@ A spec, anywhere in the CLI, is one of
                          tokenizer_config.json / chat_template.jinja when present
     a run directory      its newest good checkpoint (checkpoints/step_*/ with a manifest)
     a checkpoint folder  runs/.../checkpoints/step_000500/
+    a fine-tuning run    its base (named in finetune.json, sha256-checked) + what it trained:
+                         LoRA adapters merged in, all weights (full), a classifier head
+    an adapter folder    runs/.../adapter/ (adapter_config.json + adapter.safetensors) over its base
 
     >>> loaded = load("smollm2-135m-instruct")
     >>> loaded.model, loaded.tokenizer, loaded.template
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from pellucid.config import from_dict
 from pellucid.errors import CheckpointError, ConfigError, WeightsFormatError
@@ -39,7 +43,15 @@ from pellucid.model.transformer import Transformer
 from pellucid.tokenizer.bpe import Tokenizer
 from pellucid.tokenizer.chat import CHATML, ChatTemplate, from_gguf_metadata, from_hf_dir
 from pellucid.tokenizer.formats import load_tokenizer_json, tokenizer_from_gguf_metadata
-from pellucid.weights.checkpoint import CHECKPOINTS, MANIFEST, latest_good, read_json, verify
+from pellucid.weights import adapter
+from pellucid.weights.checkpoint import (
+    CHECKPOINTS,
+    MANIFEST,
+    latest_good,
+    load_model_weights,
+    read_json,
+    verify,
+)
 from pellucid.weights.gguf import SMOLLM2_NAME, load_gguf, smollm2_gguf_path
 from pellucid.weights.hf import MAX_JSON, load_hf
 from pellucid.weights.safety import (
@@ -66,7 +78,10 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     template: ChatTemplate | None
     source: Path  # the file or folder the weights came from
-    kind: str  # "gguf", "hf" or "checkpoint"
+    kind: str  # "gguf", "hf", "checkpoint" or "finetune"
+    classifier: nn.Module | None = None  # a classify run's Classifier (its trunk is `model`)
+    labels: list[str] | None = None  # a classify run's label names, in class-index order
+    meta: dict | None = None  # a fine-tuning run's finetune.json
 
     def chat_template(self) -> ChatTemplate:
         """The model's own template, else ChatML (what our own chat-tuned models use)."""
@@ -161,6 +176,39 @@ def _load_checkpoint(path: Path, device: str | torch.device | None, nonfinite: b
     return LoadedModel(model, tokenizer, None, folder, "checkpoint")
 
 
+def _load_finetuned(
+    folder: Path, meta_file: Path, weights: Path, device: str | torch.device | None, nonfinite: bool
+) -> LoadedModel:
+    """Base + what a fine-tuning run trained (see weights/adapter.py); LoRA merged into the base,
+    so the result decodes (and quantizes, and exports) like any plain model."""
+    from pellucid.model.heads import Classifier
+    from pellucid.model.lora import remove_lora
+
+    meta = adapter.read_meta(meta_file)
+    base = load(meta["base"], device=device, allow_nonfinite=nonfinite)
+    found = adapter.spec_sha256(base.source)
+    if found != meta["base_sha256"]:
+        raise WeightsFormatError(
+            f"{folder} was trained on {meta['base']} with sha256 {meta['base_sha256'][:12]}..., "
+            f"but that model now has sha256 {found[:12]}...; it is not the same base"
+        )
+    model = adapter.build(base.model, meta)
+    if weights.name == adapter.ADAPTER_WEIGHTS:
+        adapter.load_adapter(model, weights)
+    else:
+        load_model_weights(weights.parent, model)
+    clf = model if isinstance(model, Classifier) else None
+    trunk = remove_lora(clf.trunk if clf is not None else model)
+    if clf is not None:
+        clf.trunk = trunk
+    for p in (clf or trunk).parameters():
+        p.requires_grad_(True)  # as every loaded model: frozen-ness was the training run's
+    model.eval()
+    return LoadedModel(
+        trunk, base.tokenizer, base.template, folder, "finetune", clf, meta.get("labels"), meta
+    )
+
+
 def _load_gguf(path: Path, device: str | torch.device | None, nonfinite: bool) -> LoadedModel:
     # Header first (0.2 s for SmolLM2): a bad tokenizer fails before any tensor is allocated.
     metadata = read_gguf(path).metadata
@@ -212,7 +260,14 @@ def load(
         if path.suffix.lower() == ".gguf":
             return _load_gguf(path, device, allow_nonfinite)
         raise WeightsFormatError(f"{path.name}: not a model file (give {_KINDS})")
+    if (path / adapter.ADAPTER_CONFIG).is_file():
+        meta, weights = path / adapter.ADAPTER_CONFIG, path / adapter.ADAPTER_WEIGHTS
+        return _load_finetuned(path, meta, weights, device, allow_nonfinite)
     if _is_checkpoint_like(path):
+        folder = checkpoint_folder(path)
+        if (folder / adapter.META_FILE).is_file():
+            meta, weights = folder / adapter.META_FILE, folder / "model.safetensors"
+            return _load_finetuned(folder, meta, weights, device, allow_nonfinite)
         return _load_checkpoint(path, device, allow_nonfinite)
     if (path / "config.json").is_file() and _is_hf_config(path):
         return _load_hf(path, device, allow_nonfinite)

@@ -1,0 +1,382 @@
+"""Fine-tuning runs: `sft` and `classify` over any model pellucid loads, through the one trainer.
+
+    run = load_finetune_config("sft", "smollm2-135m-instruct", "tasks.jsonl", lora=True,
+                               assignments=["train.max_steps=200"])
+    result = finetune(run, Path("runs/sft"))
+
+A run config composes `finetune` (FinetuneConfig: split, lengths, packing, held-out data),
+`lora` (LoraConfig) and `train` (TrainConfig) around the base model spec and the data file.
+The run directory is a model spec like any other (weights/resolve.py loads base + what was
+trained) and holds
+
+    config.json  finetune.json  metrics.jsonl  loss.png  report.md  eval.json
+    checkpoints/step_*/   (trainable tensors only: LoRA's A and B, or all weights for full)
+    adapter/              (LoRA runs: adapter_config.json + adapter.safetensors, the adapter alone)
+
+`--resume RUN_DIR` continues from the newest good checkpoint, bit-exact on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from pellucid import config
+from pellucid.data.datasets import resolve_dataset
+from pellucid.data.finetune import (
+    ExampleSampler,
+    collate_packed,
+    encode_lm,
+    encode_text,
+    pack_rows,
+    pad_lm,
+    pad_text,
+)
+from pellucid.data.jsonl import LM_SHAPES, Dataset, drop_overlap, read_jsonl, split
+from pellucid.errors import ConfigError, DataError
+from pellucid.files import atomic_write, sha256_file
+from pellucid.model.lora import DEFAULT_TARGETS
+from pellucid.recipes import config_hash, default_run_dir, run_mfu
+from pellucid.train.evaluate import class_metrics, exact_match, lm_metrics
+from pellucid.train.metrics import PLOT_FILE, plot_curves, read_metrics
+from pellucid.train.objectives import class_loss, lm_loss
+from pellucid.train.trainer import TrainConfig, TrainState, seed_everything, train
+from pellucid.weights import adapter
+from pellucid.weights.checkpoint import read_json
+from pellucid.weights.resolve import DEFAULT_MODEL, LoadedModel, load
+
+log = logging.getLogger("pellucid")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """What to fine-tune on and how to cut it (the `finetune.*` keys)."""
+
+    val_fraction: float = 0.1  # seeded split of --data; the validation rows never train
+    eval_data: str = (
+        ""  # a held-out JSONL: rows whose prompt occurs in it are dropped from training
+    )
+    eval_max: int = 200  # at most this many held-out rows are answered before and after (task data)
+    max_new_tokens: int = 64  # reply budget when answering task prompts
+    max_len: int = 0  # tokens per example (0: the model's context, capped at 1024)
+    truncate: bool = False  # cut longer examples (else they are refused, with a count)
+    pack: bool = False  # SFT: several examples per row, block-diagonal attention
+    train_last: int = -1  # classify without LoRA: train the head + the last N blocks (-1: all)
+    pad_side: Literal["right", "left"] = "right"  # classify: where padding goes
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA settings (the `lora.*` keys); `--lora` sets enabled."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # name patterns
+
+
+@dataclass(kw_only=True)
+class FinetuneRun:
+    """A whole fine-tuning run."""
+
+    task: Literal["sft", "classify"] = "sft"
+    model: str = DEFAULT_MODEL  # the base: any model spec (loaded in float32)
+    data: str = ""  # training JSONL (or a registered dataset name)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Fine-tuning starts from a trained model: a short warmup, few steps, no weight decay, and a
+# learning rate about 10x higher for LoRA's small fresh matrices than for the whole model.
+DEFAULTS = [
+    "train.max_steps=100", "train.batch_size=8", "train.warmup_steps=10", "train.lr=5e-5",
+    "train.min_lr=5e-6", "train.weight_decay=0", "train.eval_every=0",
+    "train.checkpoint_every=50", "train.log_every=10", "train.dtype=float32",
+]  # fmt: skip
+LORA_DEFAULTS = ["lora.enabled=true", "train.lr=1e-3", "train.min_lr=1e-4"]
+
+
+@dataclass
+class FinetuneResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    state: TrainState
+    before: dict[str, Any]
+    after: dict[str, Any]
+
+
+def load_finetune_config(
+    task: str, model: str | None, data: str, *, lora: bool = False, assignments: list[str] = ()
+) -> FinetuneRun:
+    """Defaults <- LoRA defaults (with `lora`) <- key=value assignments."""
+    run = FinetuneRun(task=task, model=model or DEFAULT_MODEL, data=data)
+    return config.override(run, DEFAULTS + (LORA_DEFAULTS if lora else []) + list(assignments))
+
+
+def _data_path(spec: str) -> Path:
+    """A registered dataset name (python-faq, spam, ...) -> its cached file; else the path."""
+    return resolve_dataset(spec)
+
+
+def _base_id(spec: str, loaded: LoadedModel) -> str:
+    """How finetune.json names the base: a model name as given, a path made absolute."""
+    return str(Path(loaded.source).resolve()) if Path(spec).exists() else spec
+
+
+def _meta(run: FinetuneRun, base_id: str, base_sha: str, labels: list[str] | None) -> dict:
+    lora = run.lora
+    return {
+        "format": adapter.FORMAT,
+        "base": base_id,
+        "base_sha256": base_sha,
+        "task": run.task,
+        "method": "lora" if lora.enabled else "full",
+        "lora": dataclasses.asdict(lora) if lora.enabled else None,
+        "labels": labels,
+        "train_last": -1 if lora.enabled else run.finetune.train_last,
+    }
+
+
+@dataclass
+class _Prepared:
+    """Data and model of a run, ready for the trainer."""
+
+    model: torch.nn.Module
+    batches: ExampleSampler
+    objective: Any
+    evaluate: Any  # model -> validation metrics
+    scores: Any  # model -> the before/after numbers of the report
+    meta: dict
+    data: Dataset
+    held_out: Dataset | None
+    n_train: int
+
+
+def _prepare(run: FinetuneRun) -> _Prepared:
+    ft, seed = run.finetune, run.train.seed
+    shapes = LM_SHAPES if run.task == "sft" else ("classification",)
+    data = read_jsonl(_data_path(run.data), shapes)
+    held = read_jsonl(_data_path(ft.eval_data), shapes) if ft.eval_data else None
+    train_rows, val_rows = split(data.records, ft.val_fraction, seed)
+    if held is not None:
+        train_rows, n_dropped = drop_overlap(train_rows, held.records)
+        log.info("dropped %d training rows that also occur in %s", n_dropped, held.path)
+    if not train_rows:
+        raise DataError(f"{data.path}: no training rows left after the split")
+    loaded = load(run.model)  # float32: training never touches quantized weights
+    if loaded.tokenizer is None:
+        raise ConfigError(f"model '{run.model}' has no tokenizer; fine-tuning needs one")
+    tok, template = loaded.tokenizer, loaded.chat_template()
+    max_len = min(ft.max_len or 1024, loaded.model.cfg.context_len)
+    labels = data.labels if run.task == "classify" else None
+    meta = _meta(run, _base_id(run.model, loaded), adapter.spec_sha256(loaded.source), labels)
+    seed_everything(seed)  # LoRA's A and a head are drawn from the run's seed
+    model = adapter.build(loaded.model, meta)
+    B = run.train.batch_size
+    if run.task == "sft":
+        enc = encode_lm(train_rows, template, tok, max_len, ft.truncate)
+        val = encode_lm(val_rows, template, tok, max_len, ft.truncate) if val_rows else []
+        items, collate = (pack_rows(enc, max_len), collate_packed) if ft.pack else (enc, pad_lm)
+        objective = lm_loss
+        scored = (held.records if held else val_rows)[: ft.eval_max]
+        is_task = (held or data).shape == "task"
+
+        def evaluate(m: torch.nn.Module) -> dict[str, float]:
+            r = lm_metrics(m, val, B)
+            return {
+                "val_loss": r["loss"],
+                "val_ppl": r["perplexity"],
+                "val_bpb": r["bits_per_byte"],
+            }
+
+        def scores(m: torch.nn.Module) -> dict[str, Any]:
+            out: dict[str, Any] = lm_metrics(m, val, B) if val else {}
+            if is_task and scored:
+                em = exact_match(m, tok, template, scored, ft.max_new_tokens)
+                out["exact_match"], out["n_exact"] = em["exact_match"], em["n"]
+            return out
+
+    else:
+        enc = encode_text(train_rows, tok, labels, max_len, ft.truncate)
+        val = encode_text(val_rows, tok, labels, max_len, ft.truncate)
+        items, objective = enc, class_loss
+
+        def collate(rows: list) -> Any:
+            return pad_text(rows, ft.pad_side)
+
+        def evaluate(m: torch.nn.Module) -> dict[str, float]:
+            r = class_metrics(m, val, len(labels), B)
+            return {"val_accuracy": r["accuracy"], "val_macro_f1": r["macro_f1"]}
+
+        def scores(m: torch.nn.Module) -> dict[str, Any]:
+            return class_metrics(m, val, len(labels), B) if val else {}
+
+    batches = ExampleSampler(items, B, seed, collate)
+    return _Prepared(model, batches, objective, evaluate, scores, meta, data, held, len(enc))
+
+
+def finetune(
+    run: FinetuneRun, out_dir: Path | None = None, *, resume: bool = False
+) -> FinetuneResult:
+    """Fine-tune `run.model` on `run.data` into `out_dir` (or continue it with `resume`)."""
+    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(run.task)
+    if not resume and ((run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()):
+        raise ConfigError(
+            f"{run_dir} already holds a run: pass --resume {run_dir} or another --out"
+        )
+    if not run.data:
+        raise ConfigError("fine-tuning needs --data FILE.jsonl")
+    prep = _prepare(run)
+    model = prep.model
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info(
+        "%s, %s: %d training examples, %s of %s parameters train (%.2f%%)",
+        run.task, prep.meta["method"], prep.n_train, f"{n_train:,}", f"{n_all:,}",
+        100 * n_train / n_all,
+    )  # fmt: skip
+    files = {
+        "config.json": json.dumps(config.to_dict(run), indent=1) + "\n",
+        adapter.META_FILE: json.dumps(prep.meta, indent=1) + "\n",
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        atomic_write(run_dir / name, text)
+    eval_file = run_dir / "eval.json"
+    if resume and eval_file.is_file():
+        before = read_json(eval_file).get("before", {})
+    else:
+        before = _scored(prep, model)
+        atomic_write(eval_file, json.dumps({"before": before}, indent=1))
+    t0 = time.perf_counter()
+    state = train(
+        model, prep.objective, prep.batches, run.train, run_dir,
+        evaluate=prep.evaluate, resume=resume, files=files,
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    after = _scored(prep, model)
+    atomic_write(eval_file, json.dumps({"before": before, "after": after}, indent=1))
+    if prep.meta["method"] == "lora":
+        adapter.save_adapter(model, prep.meta, run_dir)
+    plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / PLOT_FILE)
+    write_report(run_dir, run, prep, state, before, after, wall, (n_train, n_all))
+    return FinetuneResult(run_dir, state, before, after)
+
+
+def _scored(prep: _Prepared, model: torch.nn.Module) -> dict[str, Any]:
+    log.info("evaluating on the held-out rows ...")
+    with torch.no_grad():
+        return prep.scores(model)
+
+
+def resume(run_dir: Path, assignments: list[str] | None = None) -> FinetuneResult:
+    """Continue a fine-tuning run from its newest good checkpoint, with its own config."""
+    run = config.from_dict(FinetuneRun, read_json(Path(run_dir) / "config.json"))
+    return finetune(config.override(run, assignments or []), run_dir, resume=True)
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def _fmt(scores: dict[str, Any]) -> str:
+    keys = ("exact_match", "accuracy", "macro_f1", "loss", "perplexity", "bits_per_byte")
+    parts = [f"{k} {scores[k]:.4f}" for k in keys if isinstance(scores.get(k), float)]
+    return ", ".join(parts) or "n/a"
+
+
+def write_report(
+    run_dir: Path, run: FinetuneRun, prep: _Prepared, state: TrainState, before: dict,
+    after: dict, wall_s: float, counts: tuple[int, int],
+) -> None:  # fmt: skip
+    """report.md: what was tuned on what, how, and the held-out numbers before and after."""
+    meta, ft = prep.meta, run.finetune
+    tps = state.tokens / state.train_time_s if state.train_time_s else 0.0
+    data_files = [prep.data.path] + ([prep.held_out.path] if prep.held_out else [])
+    where = (
+        "the held-out file" if prep.held_out else f"the validation split ({ft.val_fraction:.0%})"
+    )
+    lines = [
+        f"# {run_dir.name}: {run.task} ({meta['method']})",
+        "",
+        "## Result",
+        f"- before: {_fmt(before)}",
+        f"- after:  {_fmt(after)}  ({state.step} steps; scores on {where})",
+        f"- curves: ![loss]({PLOT_FILE}) (per-step numbers in `metrics.jsonl`, scores in `eval.json`)",
+        "",
+        "## Lineage",
+        f"- base model: `{meta['base']}` sha256 {meta['base_sha256']}",
+        *[f"- data: `{p.resolve()}` sha256 {sha256_file(p)}" for p in data_files],
+        f"- {prep.data.shape} rows: {len(prep.data.records)}, {prep.n_train} trained on",
+        f"- method: {meta['method']}"
+        + (
+            f" (rank {run.lora.rank}, alpha {run.lora.alpha}, targets {run.lora.targets})"
+            if run.lora.enabled
+            else ""
+        )
+        + f"; {counts[0]:,} of {counts[1]:,} parameters trained ({100 * counts[0] / counts[1]:.2f}%)",
+        f"- parent checkpoint: {state.resumed_from or 'none'}; last: {state.checkpoint}",
+        f"- config sha256: {config_hash(run)}; command: `{' '.join(sys.argv)}`",
+        "",
+        "## Compute",
+        f"- {state.step} steps, {state.tokens:,} tokens in {state.train_time_s:.0f} s of training "
+        f"steps ({wall_s:.0f} s wall time with evaluation, this session)",
+        f"- {tps:,.0f} tokens/s ({torch.get_num_threads()} threads), MFU "
+        f"{100 * run_mfu(state, run.train):.1f}% of this machine's measured matmul peak",
+        "",
+        "## Config",
+        f"```json\n{json.dumps(config.to_dict(run), indent=1)}\n```",
+        "",
+    ]
+    if math.isnan(state.last_loss):
+        lines.insert(4, "- (no training step was taken)")
+    atomic_write(run_dir / "report.md", "\n".join(lines))
+
+
+# --- pellucid eval -------------------------------------------------------------------------------
+
+
+def evaluate_file(
+    spec: str | None, path: str, *, max_new_tokens: int = 64, batch_size: int = 8, limit: int = 0
+) -> dict[str, Any]:
+    """`pellucid eval`: score model `spec` on a JSONL file, with the metrics its shape allows.
+
+    chat / instruction / prompt-completion: assistant-token loss, perplexity, bits per byte;
+    task: those and the exact match of greedy answers; classification (a classify run only):
+    accuracy, macro-F1, confusion matrix. `limit` > 0 scores the first `limit` rows only.
+    """
+    data = read_jsonl(_data_path(path))
+    records = data.records[:limit] if limit > 0 else data.records
+    loaded = load(spec or DEFAULT_MODEL)
+    if loaded.tokenizer is None:
+        raise ConfigError(f"model '{spec}' has no tokenizer to read the data with")
+    tok, ctx = loaded.tokenizer, loaded.model.cfg.context_len
+    out: dict[str, Any] = {"n": len(records), "shape": data.shape}
+    if data.shape == "classification":
+        if loaded.classifier is None:
+            raise ConfigError(
+                f"{data.path} holds classification rows, but '{spec}' is not a classifier "
+                "(train one with `pellucid finetune classify`)"
+            )
+        enc = encode_text(records, tok, loaded.labels, ctx)
+        scores = class_metrics(loaded.classifier, enc, len(loaded.labels), batch_size)
+        return {**out, **scores, "labels": loaded.labels}
+    template = loaded.chat_template()
+    lm = lm_metrics(loaded.model, encode_lm(records, template, tok, ctx - 1), batch_size)
+    out.update({k: lm[k] for k in ("loss", "perplexity", "bits_per_byte")})
+    if data.shape == "task":
+        em = exact_match(loaded.model, tok, template, records, max_new_tokens, 2 * batch_size)
+        out["exact_match"] = em["exact_match"]
+        out["answers"] = em["answers"]
+    return out

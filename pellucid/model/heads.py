@@ -1,0 +1,63 @@
+"""Heads over the trunk's hidden states: a classifier reading each row's last real token.
+
+A decoder sees the whole text only at its last token (causal attention), so that token's final
+hidden state is the sequence's summary (LLMs-from-scratch ch06; HF's *ForSequenceClassification).
+Rows are padded on either side; `segments` marks real tokens (!= 0) and keeps padding out of
+attention, so right and left padding give the same answer.
+
+    >>> clf = Classifier(Transformer(cfg), n_labels=2)
+    >>> clf(ids, segments=(ids != pad).long()).shape     # (B, n_labels)
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from pellucid.model.transformer import Transformer
+
+
+def last_real_index(segments: Tensor) -> Tensor:
+    """(B, T) segment ids, 0 on padding -> (B,) int64 index of each row's last non-padding token.
+
+    >>> last_real_index(torch.tensor([[1, 1, 0], [0, 1, 1]]))
+    tensor([1, 2])
+    """
+    T = segments.shape[1]
+    real = (segments != 0).int()  # (B, T)
+    return T - 1 - real.flip(-1).argmax(dim=-1)
+
+
+class Classifier(nn.Module):
+    """trunk (a Transformer) -> hidden state of the last real token -> linear head -> class logits."""
+
+    def __init__(self, trunk: Transformer, n_labels: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.cfg = trunk.cfg
+        self.head = nn.Linear(trunk.cfg.n_embd, n_labels, bias=True)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids: Tensor, *, segments: Tensor) -> Tensor:
+        """ids (B, T) int64, segments (B, T) int64 (1 real, 0 padding) -> (B, n_labels) float32."""
+        # Padding in its own segment: real tokens never attend to it, and their positions start
+        # at 0 on the first real token whichever side the padding is on.
+        hidden = self.trunk.forward_hidden(ids, segments=segments)  # (B, T, C)
+        rows = hidden[range(ids.shape[0]), last_real_index(segments)]  # (B, C)
+        return self.head(rows).float()
+
+    def flops_per_token(self, context_len: int | None = None) -> float:
+        """The trunk's training FLOPs per token (the head is negligible)."""
+        return self.trunk.flops_per_token(context_len)
+
+
+def train_last_blocks(model: Classifier, n: int) -> None:
+    """Train only the head, the final norm and the last `n` blocks (n < 0: everything)."""
+    if n < 0:
+        return
+    for p in model.trunk.parameters():
+        p.requires_grad_(False)
+    keep = [model.trunk.norm, *list(model.trunk.blocks)[len(model.trunk.blocks) - n :]]
+    for module in keep:
+        for p in module.parameters():
+            p.requires_grad_(True)
