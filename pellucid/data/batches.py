@@ -101,6 +101,7 @@ class WindowSampler:
         self.seed = seed
         self.step = 0  # batches drawn so far
         self.pin_memory = pin_memory
+        self.rows = slice(0, batch_size)  # the rows of each batch this process reads (`shard`)
         self._generator = torch.Generator()
         self._offsets = np.arange(context_len + 1)  # (T + 1,)
 
@@ -110,9 +111,23 @@ class WindowSampler:
     def __next__(self) -> Batch:
         self._generator.manual_seed(_step_seed(self.seed, self.step))
         starts = torch.randint(self.n_starts, (self.batch_size,), generator=self._generator)
+        starts = starts[self.rows]  # the whole batch is drawn, this rank's rows read
         windows = self.tokens[starts.numpy()[:, None] + self._offsets]  # (B, T + 1)
         self.step += 1
         return _to_batch(windows[:, :-1], windows[:, 1:], self.pin_memory)
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Read only rows rank*b .. rank*b + b - 1 (b = batch_size / world_size) of every batch.
+
+        The batch itself is still drawn whole from (seed, step), so N ranks together read exactly
+        the windows one process reads, and `state()` does not depend on the world size.
+        """
+        if self.batch_size % world_size:
+            raise DataError(
+                f"batch of {self.batch_size} rows does not split over {world_size} ranks"
+            )
+        b = self.batch_size // world_size
+        self.rows = slice(rank * b, (rank + 1) * b)
 
     def state(self) -> dict[str, int]:
         """The sampler's position, JSON-able: the next batch is a function of (seed, step)."""
