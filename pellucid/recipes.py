@@ -36,6 +36,7 @@ from pellucid.model.config import PRESETS, ModelConfig
 from pellucid.model.transformer import Transformer
 from pellucid.tokenizer.bpe import Tokenizer
 from pellucid.tokenizer.formats import load_tokenizer
+from pellucid.train import distributed
 from pellucid.train.metrics import PLOT_FILE, measure_peak_flops, plot_curves, read_metrics
 from pellucid.train.objectives import lm_loss
 from pellucid.train.trainer import (
@@ -47,7 +48,7 @@ from pellucid.train.trainer import (
     seed_everything,
     train,
 )
-from pellucid.weights.checkpoint import read_json
+from pellucid.weights.checkpoint import load_model_weights, read_json
 
 log = logging.getLogger("pellucid")
 
@@ -95,6 +96,7 @@ class RunResult:
     state: TrainState
     samples: list[tuple[str, str]]  # (prompt, generated text)
     val_bpb: float
+    main: bool = True  # False on the other ranks of a torchrun job: they print nothing
 
 
 # --- config --------------------------------------------------------------------------------------
@@ -194,20 +196,27 @@ def _evaluator(shards: Shards, context_len: int, cfg: TrainConfig) -> Any:
 
 
 def pretrain(run: RunConfig, out_dir: Path, *, resume: bool = False) -> RunResult:
-    """Train a language model from scratch (or continue `out_dir` when `resume`)."""
+    """Train a language model from scratch (or continue `out_dir` when `resume`).
+
+    Under torchrun every rank runs this: rank 0 builds the tokenizer and shards first (the
+    others then find them cached), trains with the others, and alone writes the report.
+    """
     run_dir = Path(out_dir)
     if not resume and ((run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()):
         raise ConfigError(
             f"{run_dir} already holds a run: pass --resume {run_dir} or another --out"
         )
-    docs = load_corpus(run.data.corpus)
-    saved_tok = run_dir / "tokenizer.json"
-    tokenizer = (
-        Tokenizer.load(saved_tok)
-        if resume and saved_tok.is_file()
-        else get_tokenizer(run.data, docs)
-    )
-    shards = build_shards(docs, tokenizer, run.data.val_fraction)
+    device = resolve_device(run.train.device)
+    world = distributed.init_distributed(device, run.train.dist_timeout_s)
+    with distributed.rank_zero_first():
+        docs = load_corpus(run.data.corpus)
+        saved_tok = run_dir / "tokenizer.json"
+        tokenizer = (
+            Tokenizer.load(saved_tok)
+            if resume and saved_tok.is_file()
+            else get_tokenizer(run.data, docs)
+        )
+        shards = build_shards(docs, tokenizer, run.data.val_fraction)
     run = dataclasses.replace(
         run, model=dataclasses.replace(run.model, vocab_size=tokenizer.vocab_size)
     )
@@ -222,7 +231,8 @@ def pretrain(run: RunConfig, out_dir: Path, *, resume: bool = False) -> RunResul
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        atomic_write(run_dir / name, data)
+        if world.is_main:
+            atomic_write(run_dir / name, data)
     log.info("run directory: %s (%s parameters)", run_dir, f"{model.num_params():,}")
     t0 = time.perf_counter()
     state = train(
@@ -230,6 +240,13 @@ def pretrain(run: RunConfig, out_dir: Path, *, resume: bool = False) -> RunResul
         evaluate=_evaluator(shards, run.model.context_len, run.train), resume=resume, files=files,
     )  # fmt: skip
     wall = time.perf_counter() - t0
+    if world.size > 1:
+        distributed.finish_distributed()
+        if not world.is_main:
+            return RunResult(run_dir, state, [], state.last_eval.get("val_bpb", math.nan), False)
+        # FSDP left `model` sharded: sample from the full weights of the last checkpoint instead.
+        model = Transformer(run.model)
+        load_model_weights(Path(state.checkpoint), model)
     records = read_metrics(run_dir / "metrics.jsonl")
     plot_curves(records, run_dir / PLOT_FILE)
     samples = generate_samples(model.eval(), tokenizer, DEMO_PROMPTS)

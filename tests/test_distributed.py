@@ -197,3 +197,38 @@ def test_fsdp_config_key_survives_a_round_trip_through_config_json():
     again = config.from_dict(RunConfig, json.loads(json.dumps(config.to_dict(run))))
     assert again.train.parallel == "fsdp" and again.train.dist_timeout_s == 60
     assert dataclasses.asdict(again.train) == dataclasses.asdict(run.train)
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_pellucid_train_command_and_generate_loads_the_run(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    rng = np.random.default_rng(0)
+    words = [
+        "the",
+        "king",
+        "queen",
+        "castle",
+        "sword",
+        "love",
+        "death",
+        "night",
+        "day",
+        "rose",
+        "crown",
+    ]
+    corpus.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(2000)))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PKG.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "pellucid", "train", "model.preset=tiny", f"data.corpus={corpus}"]
+    cmd += ["data.vocab_size=300", "train.max_steps=4", "train.batch_size=4", "train.device=cpu"]
+    cmd += ["train.eval_batches=2", "train.warmup_steps=1", "--out", str(run)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("validation bits per byte") == 1  # rank 0 alone reports
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 5  # 4 steps + 1 evaluation
+    assert (run / "report.md").is_file()
+    from pellucid.cli import main
+
+    assert main(["generate", "--model", str(run), "the king", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out  # a continuation came out
