@@ -28,6 +28,7 @@ from pellucid import config
 from pellucid.data.batches import WindowSampler, eval_batches
 from pellucid.data.shards import ENDOFTEXT, Shards, build_shards, corpus_hash, split_documents
 from pellucid.data.sources import Document, load_corpus
+from pellucid.data.stream import as_shards, open_mix
 from pellucid.errors import ConfigError
 from pellucid.files import atomic_write, pellucid_home
 from pellucid.infer.engine import Engine
@@ -61,6 +62,9 @@ class DataConfig:
     tokenizer: str = "train"  # "train": a BPE trained on the train split (cached); or a path
     vocab_size: int = 2048  # for tokenizer = "train", special tokens included
     val_fraction: float = 0.1  # the last part of the concatenated text is validation
+    # Prepared datasets (`pellucid data prepare`) streamed from disk instead of `corpus`:
+    # "DIR" or "a:0.7,b:0.3" (rows drawn by weight); their own tokenizer is used.
+    mix: str = ""
 
 
 @dataclass(kw_only=True)
@@ -208,22 +212,30 @@ def pretrain(run: RunConfig, out_dir: Path, *, resume: bool = False) -> RunResul
         )
     device = resolve_device(run.train.device)
     world = distributed.init_distributed(device, run.train.dist_timeout_s)
-    with distributed.rank_zero_first():
-        docs = load_corpus(run.data.corpus)
-        saved_tok = run_dir / "tokenizer.json"
-        tokenizer = (
-            Tokenizer.load(saved_tok)
-            if resume and saved_tok.is_file()
-            else get_tokenizer(run.data, docs)
-        )
-        shards = build_shards(docs, tokenizer, run.data.val_fraction)
+    weights = None
+    if run.data.mix:  # streamed from disk: nothing to build
+        datasets, weights = open_mix(run.data.mix)
+        tokenizer = Tokenizer.load(datasets[0].folder / "tokenizer.json")
+        shards = as_shards(datasets, run.data.mix)
+        train_tokens = [d.train for d in datasets]
+    else:
+        with distributed.rank_zero_first():
+            docs = load_corpus(run.data.corpus)
+            saved_tok = run_dir / "tokenizer.json"
+            tokenizer = (
+                Tokenizer.load(saved_tok)
+                if resume and saved_tok.is_file()
+                else get_tokenizer(run.data, docs)
+            )
+            shards = build_shards(docs, tokenizer, run.data.val_fraction)
+        train_tokens = shards.train
     run = dataclasses.replace(
         run, model=dataclasses.replace(run.model, vocab_size=tokenizer.vocab_size)
     )
     seed_everything(run.train.seed)
     model = Transformer(run.model)
     sampler = WindowSampler(
-        shards.train, run.train.batch_size, run.model.context_len, run.train.seed
+        train_tokens, run.train.batch_size, run.model.context_len, run.train.seed, weights=weights
     )
     files = {
         "config.json": json.dumps(config.to_dict(run), indent=1) + "\n",
@@ -237,7 +249,8 @@ def pretrain(run: RunConfig, out_dir: Path, *, resume: bool = False) -> RunResul
     t0 = time.perf_counter()
     state = train(
         model, lm_loss, sampler, run.train, run_dir,
-        evaluate=_evaluator(shards, run.model.context_len, run.train), resume=resume, files=files,
+        evaluate=_evaluator(shards, run.model.context_len, run.train) if len(shards.val) > 1 else None,
+        resume=resume, files=files,
     )  # fmt: skip
     wall = time.perf_counter() - t0
     if world.size > 1:
@@ -322,7 +335,7 @@ def write_report(
         "without embeddings)",
         "",
         "## Data and tokenizer",
-        f"- corpus `{run.data.corpus}`: {meta['train_bytes']:,} train bytes, {meta['val_bytes']:,} "
+        f"- corpus `{run.data.mix or run.data.corpus}`: {meta['train_bytes']:,} train bytes, {meta['val_bytes']:,} "
         f"val bytes (the last {run.data.val_fraction:.0%})",
         f"- tokenizer: {tokenizer.vocab_size} tokens, {bpt:.2f} bytes per token on the train split "
         f"({meta['train_tokens']:,} train tokens)",
