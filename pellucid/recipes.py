@@ -234,9 +234,11 @@ def pretrain(run: RunConfig, out_dir: Path, *, resume: bool = False) -> RunResul
     )
     seed_everything(run.train.seed)
     model = Transformer(run.model)
+    # Pinned host batches let the copy to the GPU overlap the previous step's compute.
     sampler = WindowSampler(
-        train_tokens, run.train.batch_size, run.model.context_len, run.train.seed, weights=weights
-    )
+        train_tokens, run.train.batch_size, run.model.context_len, run.train.seed,
+        pin_memory=device.type == "cuda", weights=weights,
+    )  # fmt: skip
     files = {
         "config.json": json.dumps(config.to_dict(run), indent=1) + "\n",
         "tokenizer.json": _tokenizer_bytes(tokenizer),

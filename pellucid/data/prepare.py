@@ -72,14 +72,27 @@ def plan_units(specs: list[str], max_bytes: int = JSONL_CHUNK) -> list[Unit]:
     for spec in specs:
         path = Path(spec).expanduser()
         if not path.exists():  # a built-in corpus name (or a clear error from sources)
-            texts = tuple(d.text for d in load_corpus(spec))
-            units.append(Unit("docs", spec, texts=texts))
+            units += _docs_units(spec, [d.text for d in load_corpus(spec)], max_bytes)
             continue
         files = sorted(_folder_files(path)) if path.is_dir() else [path]
         for f in files:
             units += _file_units(f, max_bytes)
     if not units:
         raise DataError(f"no documents in {' '.join(specs)}")
+    return units
+
+
+def _docs_units(spec: str, texts: list[str], max_chars: int) -> list[Unit]:
+    """In-memory documents grouped into units of about `max_chars` characters."""
+    units, group, size = [], [], 0
+    for t in texts:
+        group.append(t)
+        size += len(t)
+        if size >= max_chars:
+            units.append(Unit("docs", spec, texts=tuple(group)))
+            group, size = [], 0
+    if group:
+        units.append(Unit("docs", spec, texts=tuple(group)))
     return units
 
 
