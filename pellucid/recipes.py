@@ -28,6 +28,7 @@ from pellucid import config
 from pellucid.data.batches import WindowSampler, eval_batches
 from pellucid.data.shards import ENDOFTEXT, Shards, build_shards, corpus_hash, split_documents
 from pellucid.data.sources import Document, load_corpus
+from pellucid.data.stream import as_shards, open_mix
 from pellucid.errors import ConfigError
 from pellucid.files import atomic_write, pellucid_home
 from pellucid.infer.engine import Engine
@@ -36,6 +37,7 @@ from pellucid.model.config import PRESETS, ModelConfig
 from pellucid.model.transformer import Transformer
 from pellucid.tokenizer.bpe import Tokenizer
 from pellucid.tokenizer.formats import load_tokenizer
+from pellucid.train import distributed
 from pellucid.train.memory import check_fits
 from pellucid.train.metrics import PLOT_FILE, measure_peak_flops, plot_curves, read_metrics
 from pellucid.train.objectives import lm_loss
@@ -48,7 +50,7 @@ from pellucid.train.trainer import (
     seed_everything,
     train,
 )
-from pellucid.weights.checkpoint import read_json
+from pellucid.weights.checkpoint import load_model_weights, read_json
 
 log = logging.getLogger("pellucid")
 
@@ -61,6 +63,9 @@ class DataConfig:
     tokenizer: str = "train"  # "train": a BPE trained on the train split (cached); or a path
     vocab_size: int = 2048  # for tokenizer = "train", special tokens included
     val_fraction: float = 0.1  # the last part of the concatenated text is validation
+    # Prepared datasets (`pellucid data prepare`) streamed from disk instead of `corpus`:
+    # "DIR" or "a:0.7,b:0.3" (rows drawn by weight); their own tokenizer is used.
+    mix: str = ""
 
     def __post_init__(self) -> None:
         # Checked here, before a tokenizer is trained on what would be an empty train split.
@@ -108,6 +113,7 @@ class RunResult:
     state: TrainState
     samples: list[tuple[str, str]]  # (prompt, generated text)
     val_bpb: float
+    main: bool = True  # False on the other ranks of a torchrun job: they print nothing
 
 
 # --- config --------------------------------------------------------------------------------------
@@ -207,20 +213,35 @@ def _evaluator(shards: Shards, context_len: int, cfg: TrainConfig) -> Any:
 
 
 def pretrain(run: RunConfig, out_dir: Path, *, resume: bool = False) -> RunResult:
-    """Train a language model from scratch (or continue `out_dir` when `resume`)."""
+    """Train a language model from scratch (or continue `out_dir` when `resume`).
+
+    Under torchrun every rank runs this: rank 0 builds the tokenizer and shards first (the
+    others then find them cached), trains with the others, and alone writes the report.
+    """
     run_dir = Path(out_dir)
     if not resume and ((run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()):
         raise ConfigError(
             f"{run_dir} already holds a run: pass --resume {run_dir} or another --out"
         )
-    docs = load_corpus(run.data.corpus)
-    saved_tok = run_dir / "tokenizer.json"
-    tokenizer = (
-        Tokenizer.load(saved_tok)
-        if resume and saved_tok.is_file()
-        else get_tokenizer(run.data, docs)
-    )
-    shards = build_shards(docs, tokenizer, run.data.val_fraction)
+    device = resolve_device(run.train.device)
+    world = distributed.init_distributed(device, run.train.dist_timeout_s)
+    weights = None
+    if run.data.mix:  # streamed from disk: nothing to build
+        datasets, weights = open_mix(run.data.mix)
+        tokenizer = Tokenizer.load(datasets[0].folder / "tokenizer.json")
+        shards = as_shards(datasets, run.data.mix)
+        train_tokens = [d.train for d in datasets]
+    else:
+        with distributed.rank_zero_first():
+            docs = load_corpus(run.data.corpus)
+            saved_tok = run_dir / "tokenizer.json"
+            tokenizer = (
+                Tokenizer.load(saved_tok)
+                if resume and saved_tok.is_file()
+                else get_tokenizer(run.data, docs)
+            )
+            shards = build_shards(docs, tokenizer, run.data.val_fraction)
+        train_tokens = shards.train
     run = dataclasses.replace(
         run, model=dataclasses.replace(run.model, vocab_size=tokenizer.vocab_size)
     )
@@ -228,23 +249,34 @@ def pretrain(run: RunConfig, out_dir: Path, *, resume: bool = False) -> RunResul
         check_fits(run.model, run.train.batch_size)
     seed_everything(run.train.seed)
     model = Transformer(run.model)
+    # Pinned host batches let the copy to the GPU overlap the previous step's compute.
     sampler = WindowSampler(
-        shards.train, run.train.batch_size, run.model.context_len, run.train.seed
-    )
+        train_tokens, run.train.batch_size, run.model.context_len, run.train.seed,
+        pin_memory=device.type == "cuda", weights=weights,
+    )  # fmt: skip
     files = {
         "config.json": json.dumps(config.to_dict(run), indent=1) + "\n",
         "tokenizer.json": _tokenizer_bytes(tokenizer),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        atomic_write(run_dir / name, data)
+        if world.is_main:
+            atomic_write(run_dir / name, data)
     log.info("run directory: %s (%s parameters)", run_dir, f"{model.num_params():,}")
     t0 = time.perf_counter()
     state = train(
         model, lm_loss, sampler, run.train, run_dir,
-        evaluate=_evaluator(shards, run.model.context_len, run.train), resume=resume, files=files,
+        evaluate=_evaluator(shards, run.model.context_len, run.train) if len(shards.val) > 1 else None,
+        resume=resume, files=files,
     )  # fmt: skip
     wall = time.perf_counter() - t0
+    if world.size > 1:
+        distributed.finish_distributed()
+        if not world.is_main:
+            return RunResult(run_dir, state, [], state.last_eval.get("val_bpb", math.nan), False)
+        # FSDP left `model` sharded: sample from the full weights of the last checkpoint instead.
+        model = Transformer(run.model)
+        load_model_weights(Path(state.checkpoint), model)
     records = read_metrics(run_dir / "metrics.jsonl")
     plot_curves(records, run_dir / PLOT_FILE)
     samples = generate_samples(model.eval(), tokenizer, DEMO_PROMPTS)
@@ -320,7 +352,7 @@ def write_report(
         "without embeddings)",
         "",
         "## Data and tokenizer",
-        f"- corpus `{run.data.corpus}`: {meta['train_bytes']:,} train bytes, {meta['val_bytes']:,} "
+        f"- corpus `{run.data.mix or run.data.corpus}`: {meta['train_bytes']:,} train bytes, {meta['val_bytes']:,} "
         f"val bytes (the last {run.data.val_fraction:.0%})",
         f"- tokenizer: {tokenizer.vocab_size} tokens, {bpt:.2f} bytes per token on the train split "
         f"({meta['train_tokens']:,} train tokens)",

@@ -15,6 +15,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _print_run(result: object) -> None:
+    if not result.main:  # another rank of a torchrun job: rank 0 tells the result
+        return
     run_dir = result.run_dir
     for prompt, text in result.samples:
         print(f"--- sample ({prompt!r}) ---\n{prompt}{text}\n")

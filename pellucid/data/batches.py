@@ -69,38 +69,50 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 class WindowSampler:
-    """An endless iterator of random-window batches over a 1-D token array.
+    """An endless iterator of random-window batches over a 1-D token array, or a weighted mix.
 
-    tokens: (N,) integer token ids (a memory-mapped shard is fine: only the windows are read).
+    tokens: (N,) integer token ids (a memory-mapped shard, or a prepared dataset streamed from
+        disk by data/stream.py: only the windows are read); or, with `weights`, a list of such
+        arrays: each row then comes from array i with probability weights[i] / sum(weights).
     Each `next()` returns a Batch of (batch_size, context_len) int64 tensors whose windows start
-    uniformly at random in [0, N - context_len - 1].
+    uniformly at random in [0, N - context_len - 1] (of the array the row comes from).
     """
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        tokens: Any,
         batch_size: int,
         context_len: int,
         seed: int,
         *,
         pin_memory: bool = False,
+        weights: list[float] | None = None,
     ) -> None:
         if batch_size < 1 or context_len < 1:
             raise DataError(
                 f"batch_size and context_len must be >= 1, got {batch_size}, {context_len}"
             )
-        self.n_starts = len(tokens) - context_len  # window w = tokens[s : s + context_len + 1]
-        if self.n_starts < 1:
-            raise DataError(
-                f"{len(tokens)} tokens are too few for one window of context_len + 1 = "
-                f"{context_len + 1} tokens; use a larger corpus or a smaller context_len"
-            )
+        sources = list(tokens) if weights is not None else [tokens]
+        if weights is not None and (len(weights) != len(sources) or min(weights) <= 0):
+            raise DataError(f"need one weight > 0 per token array, got {weights}")
+        # window w = tokens[s : s + context_len + 1]
+        starts = [len(t) - context_len for t in sources]
+        for t, n in zip(sources, starts, strict=True):
+            if n < 1:
+                raise DataError(
+                    f"{len(t)} tokens are too few for one window of context_len + 1 = "
+                    f"{context_len + 1} tokens; use a larger corpus or a smaller context_len"
+                )
+        self.n_starts = starts[0]
         self.tokens = tokens
+        self.sources, self.source_starts = sources, starts
+        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
         self.batch_size = batch_size
         self.context_len = context_len
         self.seed = seed
         self.step = 0  # batches drawn so far
         self.pin_memory = pin_memory
+        self.rows = slice(0, batch_size)  # the rows of each batch this process reads (`shard`)
         self._generator = torch.Generator()
         self._offsets = np.arange(context_len + 1)  # (T + 1,)
 
@@ -109,10 +121,41 @@ class WindowSampler:
 
     def __next__(self) -> Batch:
         self._generator.manual_seed(_step_seed(self.seed, self.step))
-        starts = torch.randint(self.n_starts, (self.batch_size,), generator=self._generator)
-        windows = self.tokens[starts.numpy()[:, None] + self._offsets]  # (B, T + 1)
+        if self.weights is not None:
+            windows = self._mixed_windows()
+        else:
+            starts = torch.randint(self.n_starts, (self.batch_size,), generator=self._generator)
+            starts = starts[self.rows]  # the whole batch is drawn, this rank's rows read
+            windows = self.tokens[starts.numpy()[:, None] + self._offsets]  # (B, T + 1)
         self.step += 1
         return _to_batch(windows[:, :-1], windows[:, 1:], self.pin_memory)
+
+    def _mixed_windows(self) -> np.ndarray:
+        """(rows, T + 1) windows: each row's source drawn by weight, then its start uniformly."""
+        g = self._generator
+        src = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g)
+        where = torch.rand(self.batch_size, generator=g, dtype=torch.float64)  # in [0, 1)
+        src, where = src[self.rows].numpy(), where[self.rows].numpy()
+        windows = np.empty((len(src), len(self._offsets)), dtype=np.int64)
+        for i, tokens in enumerate(self.sources):
+            rows = np.flatnonzero(src == i)
+            if len(rows):
+                starts = (where[rows] * self.source_starts[i]).astype(np.int64)
+                windows[rows] = tokens[starts[:, None] + self._offsets]
+        return windows
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Read only rows rank*b .. rank*b + b - 1 (b = batch_size / world_size) of every batch.
+
+        The batch itself is still drawn whole from (seed, step), so N ranks together read exactly
+        the windows one process reads, and `state()` does not depend on the world size.
+        """
+        if self.batch_size % world_size:
+            raise DataError(
+                f"batch of {self.batch_size} rows does not split over {world_size} ranks"
+            )
+        b = self.batch_size // world_size
+        self.rows = slice(rank * b, (rank + 1) * b)
 
     def state(self) -> dict[str, int]:
         """The sampler's position, JSON-able: the next batch is a function of (seed, step)."""

@@ -14,6 +14,12 @@ as NaN/Inf; after `max_nonfinite` such steps in a row the run stops with Trainin
 step, and the last checkpoint stays the last good one. Resuming restores weights, optimizer
 moments, RNG states and the sampler position, so on CPU fp32 the resumed loss curve equals an
 uninterrupted run's bit for bit.
+
+Under torchrun (train/distributed.py) the same loop runs on every rank: the global batch of each
+micro-batch is split across the ranks, `n_targets` of the step is summed over all of them before
+any backward, and each rank scales its loss by world_size / n_targets, so that the gradient
+average DDP and FSDP take equals the single-process gradient (the same rule, one all-reduce more).
+Rank 0 alone writes metrics and checkpoints; a checkpoint does not depend on the world size.
 """
 
 from __future__ import annotations
@@ -34,12 +40,19 @@ import torch
 from torch import nn
 
 from pellucid.errors import CheckpointError, ConfigError, TrainingError
+from pellucid.train import distributed as dist
+from pellucid.train.distributed import World
 from pellucid.train.metrics import MetricsLog, ProgressBar, measure_peak_flops
 from pellucid.train.objectives import Objective
 from pellucid.train.optim import build_optimizer, lr_at, set_lr
 from pellucid.weights.checkpoint import (
+    checkpoint_path,
     latest_good,
     load_checkpoint,
+    optimizer_state_dict,
+    read_json,
+    read_model_weights,
+    read_optimizer,
     rng_state,
     save_checkpoint,
     set_aside_after,
@@ -57,7 +70,7 @@ class TrainConfig:
     # > 0: a time budget in minutes of training steps (evaluation and saving not counted). The run
     # stops, and the cosine ends, when it is spent; max_steps then only caps the step count.
     max_minutes: float = 0.0
-    batch_size: int = 16  # sequences per micro-batch
+    batch_size: int = 16  # sequences per micro-batch, in all (split across ranks under torchrun)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     min_lr: float = 1e-4  # where the cosine decay ends
@@ -80,6 +93,10 @@ class TrainConfig:
     max_nonfinite: int = 3  # consecutive non-finite steps before the run stops
     log_every: int = 50  # steps between log lines when there is no progress bar
     progress: bool = True  # show a progress bar when stderr is a terminal
+    # Data parallelism under torchrun: auto = none in one process, ddp with more ranks; fsdp
+    # shards weights, gradients and AdamW moments (train/distributed.py). One process: always none.
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    dist_timeout_s: float = 300.0  # how long a collective waits for a missing rank, then fails
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "max_nonfinite")
@@ -89,6 +106,10 @@ class TrainConfig:
                     f"config key 'train.{name}' must be >= 1, got {getattr(self, name)}"
                 )
         nonneg = ("warmup_steps", "eval_every", "checkpoint_every", "eval_batches", "max_minutes")
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(
+                f"config key 'train.dist_timeout_s' must be > 0, got {self.dist_timeout_s}"
+            )
         for name in (*nonneg, "eval_every_minutes"):
             if not getattr(self, name) >= 0:  # NaN fails too
                 raise ConfigError(
@@ -200,30 +221,42 @@ def _micro_step(
     micro: list[Any],
     device: torch.device,
     amp_dtype: torch.dtype,
+    world: World | None = None,
 ) -> tuple[torch.Tensor, int, dict[str, float]]:
-    """Forward + backward of one optimizer step's micro-batches; returns (mean loss, targets, metrics)."""
-    n_step = sum(b.n_targets for b in micro)  # the global valid-token count of this step
+    """Forward + backward of one optimizer step's micro-batches; returns (mean loss, targets, metrics).
+
+    `micro` holds this rank's slices; the target count (and the logged loss) are the global ones.
+    """
+    world = world or World()
+    n_step = sum(b.n_targets for b in micro)  # the valid-token count of this step, this rank
+    if world.size > 1:
+        n_step = int(dist.all_sum([n_step], device)[0])  # ... of the whole step, every rank
     if n_step == 0:
         raise TrainingError("a training step has no targets (every target is -100)")
     loss_sum = torch.zeros((), device=device)
     metrics: dict[str, float] = {}
-    for batch in micro:
-        with autocast(device, amp_dtype):
-            out = objective(model, batch.to(device))
-        (out.loss_sum / n_step).backward()
+    for i, batch in enumerate(micro):
+        # DDP/FSDP average the ranks' gradients; world.size undoes that average into the sum.
+        with dist.gradient_sync(model, i == len(micro) - 1):
+            with autocast(device, amp_dtype):
+                out = objective(model, batch.to(device))
+            loss = (
+                out.loss_sum / n_step if world.size == 1 else out.loss_sum * (world.size / n_step)
+            )
+            loss.backward()
         loss_sum += out.loss_sum.detach().float()
         for k, v in out.metrics.items():
             metrics[k] = metrics.get(k, 0.0) + v / len(micro)
-    return loss_sum / n_step, n_step, metrics
+    return dist.all_sum_tensor(loss_sum) / n_step, n_step, metrics
 
 
 def _clip(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Global L2 norm of the gradients, () tensor; scales them down to `max_norm` when above it."""
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+    norm = torch.nn.utils.get_total_norm(grads)  # a DTensor under FSDP: the norm over all shards
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+    return dist.full_tensor(norm)
 
 
 def train(
@@ -246,23 +279,32 @@ def train(
         returning e.g. {"val_loss": ..., "val_bpb": ...}; the numbers go into the metrics log.
     resume: continue from the newest good checkpoint of `run_dir` (CheckpointError if none).
     files: extra files stored in every checkpoint (config.json, tokenizer.json).
-    on_metrics: called with every metrics record (training steps and evaluations).
-    Writes `run_dir/metrics.jsonl` and `run_dir/checkpoints/step_*/`.
+    on_metrics: called with every metrics record (training steps and evaluations), on rank 0.
+    Writes `run_dir/metrics.jsonl` and `run_dir/checkpoints/step_*/`. Under torchrun every rank
+    calls `train` alike (same config, same `batches`; each takes its part of every batch).
     """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
+    world = dist.init_distributed(device, cfg.dist_timeout_s)
+    device = dist.local_device(device, world)
+    dist.check_divides(cfg.batch_size, world)
     amp_dtype = resolve_dtype(cfg.dtype, device)
     model.to(device)
     model.train()
-    optimizer = build_optimizer(model, cfg)
+    wrapped = dist.parallelize(model, cfg, dist.device_mesh(device, world))
+    optimizer = build_optimizer(model, cfg)  # after fully_shard: over this rank's shards
     params = [p for p in model.parameters() if p.requires_grad]
+    batches = dist.local_batches(batches, world)
     metrics = MetricsLog(run_dir)
-    state = _start(run_dir, model, optimizer, batches, metrics, cfg, resume)
-    forward = torch.compile(model) if cfg.compile else model
-    peak = measure_peak_flops(str(device), amp_dtype)
-    bar = ProgressBar(cfg.budget_s or cfg.max_steps, cfg.progress, _bar_position(cfg, state))
+    state = _start(run_dir, wrapped, optimizer, batches, metrics, cfg, resume, world)
+    forward = torch.compile(wrapped) if cfg.compile else wrapped
+    peak = measure_peak_flops(str(device), amp_dtype) * world.size
+    show = cfg.progress and world.is_main
+    bar = ProgressBar(cfg.budget_s or cfg.max_steps, show, _bar_position(cfg, state))
 
     def emit(record: dict[str, Any]) -> None:
+        if not world.is_main:
+            return
         metrics.write(record)
         if on_metrics is not None:
             on_metrics(record)
@@ -273,16 +315,21 @@ def train(
             "rng": rng_state(),
             "sampler": batches.state() if hasattr(batches, "state") else None,
         }
-        path = save_checkpoint(
-            run_dir, state.step, model, optimizer, extra, files, cfg.keep_checkpoints
-        )
-        state.checkpoint = str(path)
+        args = (run_dir, state.step, model, optimizer, extra, files, cfg.keep_checkpoints)
+        if world.size == 1:
+            state.checkpoint = str(save_checkpoint(*args))
+            return
+        gathered = dist.gather_state(wrapped, optimizer)  # every rank takes part
+        if world.is_main:
+            save_checkpoint(*args, gathered=gathered)
+        dist.barrier()  # nobody runs ahead of a checkpoint that may yet fail
+        state.checkpoint = str(checkpoint_path(run_dir, state.step))
 
     try:
         with bar.running():
             while not cfg.finished(state):
                 before_s = state.train_time_s
-                step_args = (optimizer, params, cfg, state, device, amp_dtype, peak)
+                step_args = (optimizer, params, cfg, state, device, amp_dtype, peak, world)
                 record = _one_step(forward, objective, batches, *step_args)
                 emit(record)
                 last = cfg.finished(state)
@@ -329,8 +376,12 @@ def _start(
     metrics: MetricsLog,
     cfg: TrainConfig,
     resume: bool,
+    world: World,
 ) -> TrainState:
-    """A fresh state (seeded from cfg.seed), or the state of the newest good checkpoint."""
+    """A fresh state (seeded from cfg.seed), or the state of the newest good checkpoint.
+
+    `model` is the wrapped one; a checkpoint of any world size loads into any other.
+    """
     if not resume:
         # Dropout draws from the global generator: start it from the config's seed whatever
         # ran before (model init, tokenizer training), so a run is reproducible from its config.
@@ -339,13 +390,20 @@ def _start(
     path = latest_good(run_dir)
     if path is None:
         raise CheckpointError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-    saved = load_checkpoint(path, model, optimizer)
+    if world.size == 1:
+        saved = load_checkpoint(path, model, optimizer)
+    else:  # every rank reads the full state and keeps its part
+        saved = read_json(path / "state.json")
+        osd = optimizer_state_dict(optimizer, *read_optimizer(path, saved))
+        dist.apply_state(model, optimizer, read_model_weights(path), osd)
     state = TrainState(**saved["train_state"])
     set_rng_state(saved["rng"])
     if saved.get("sampler") is not None and hasattr(batches, "load_state"):
         batches.load_state(saved["sampler"])
-    set_aside_after(run_dir, state.step)
-    metrics.truncate_after(state.step)  # the resumed run rewrites what came after
+    dist.barrier()  # every rank has chosen `path` before rank 0 renames the newer ones
+    if world.is_main:
+        set_aside_after(run_dir, state.step)
+        metrics.truncate_after(state.step)  # the resumed run rewrites what came after
     state.resumed_from = state.checkpoint = str(path)
     log.info("resuming from %s (step %d)", path, state.step)
     return state
@@ -362,13 +420,17 @@ def _one_step(
     device: torch.device,
     amp_dtype: torch.dtype,
     peak: float,
+    world: World,
 ) -> dict[str, Any]:
-    """One optimizer step (skipped when non-finite); updates `state`, returns its metrics record."""
+    """One optimizer step (skipped when non-finite); updates `state`, returns its metrics record.
+
+    Every rank reaches the same loss and norm (both global), so all skip a step or none does.
+    """
     t0 = time.perf_counter()
     lr = lr_at(state.step, cfg, cfg.budget_fraction(state))
     set_lr(optimizer, lr)
     micro = [next(batches) for _ in range(cfg.grad_accum)]
-    loss_t, _, extra = _micro_step(model, objective, micro, device, amp_dtype)
+    loss_t, _, extra = _micro_step(model, objective, micro, device, amp_dtype, world)
     norm_t = _clip(params, cfg.grad_clip)
     loss, norm = loss_t.item(), norm_t.item()  # the one host sync of the step
     finite = math.isfinite(loss) and math.isfinite(norm)
@@ -376,8 +438,10 @@ def _one_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
-    tokens = sum(b.inputs.numel() for b in micro)
-    flops = _flops_per_token(model, micro[0].inputs.shape[-1]) * tokens
+    if world.size > 1:  # one clock for all: a time budget must end every rank at the same step
+        dt = dist.all_max(dt, device)
+    tokens = sum(b.inputs.numel() for b in micro) * world.size
+    flops = _flops_per_token(dist.unwrap(model), micro[0].inputs.shape[-1]) * tokens
     state.step += 1
     state.tokens += tokens
     state.flops += flops

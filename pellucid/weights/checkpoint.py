@@ -63,16 +63,25 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 # --- what goes into the files ---------------------------------------------------------------------
 
 
-def model_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+def model_tensors(
+    model: nn.Module, state: dict[str, Tensor] | None = None
+) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The model's state dict with each shared tensor kept once, plus {alias: kept name}.
 
     Tied embeddings make `lm_head.weight` and the embedding the same tensor; safetensors stores
-    every tensor once, so the second name is recorded as an alias instead.
+    every tensor once, so the second name is recorded as an alias instead. `state`: a full state
+    dict gathered from the ranks of a sharded model (train/distributed.py), whose copies no longer
+    share storage; the aliases then come from the model's tied parameters.
     """
-    tensors: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     frozen = frozen_names(model)
+    if state is not None:
+        aliases = tied_aliases(model)
+        skip = aliases.keys() | frozen
+        kept = {n: t.detach().to("cpu").contiguous() for n, t in state.items() if n not in skip}
+        return kept, aliases
+    tensors: dict[str, Tensor] = {}
+    aliases = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     for name, t in model.state_dict().items():
         if name in frozen:
             continue
@@ -94,9 +103,24 @@ def frozen_names(model: nn.Module) -> set[str]:
     return frozen if len(frozen) < len(params) else set()
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
-    """Flatten an optimizer state dict into named tensors and a JSON-safe rest."""
-    sd = optimizer.state_dict()
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{second name: first name} of every parameter registered under two names (tied weights)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer | None, sd: dict[str, Any] | None = None
+) -> tuple[dict[str, Tensor], dict]:
+    """Flatten an optimizer state dict (`sd`, else the optimizer's own) into named tensors and a
+    JSON-safe rest."""
+    sd = optimizer.state_dict() if sd is None else sd
     tensors, scalars = {}, {}
     for idx, entry in sd["state"].items():
         for key, value in entry.items():
@@ -111,6 +135,13 @@ def restore_optimizer(
     optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], rest: dict
 ) -> None:
     """Inverse of `optimizer_tensors`: load the flattened state back into `optimizer`."""
+    optimizer.load_state_dict(optimizer_state_dict(optimizer, tensors, rest))
+
+
+def optimizer_state_dict(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], rest: dict
+) -> dict[str, Any]:
+    """The index-keyed optimizer state dict that `optimizer_tensors` flattened."""
     state: dict[int, dict[str, Any]] = {}
     for name, t in tensors.items():
         _, idx, key = name.split(".", 2)
@@ -124,7 +155,7 @@ def restore_optimizer(
         groups.append(
             {k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()}
         )
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def rng_state() -> dict[str, Any]:
@@ -171,18 +202,23 @@ def save_checkpoint(
     state: dict[str, Any],
     files: dict[str, bytes | str] | None = None,
     keep: int = 2,
+    *,
+    gathered: tuple[dict[str, Tensor], dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint `step` of `run_dir` atomically and keep only the newest `keep` ones.
 
     `state` is any JSON-able dict (step, RNG, sampler...); `files` are extra files to include
     verbatim (config.json, tokenizer.json). Refuses (TrainingError) to write non-finite tensors.
     A failing write (disk full, file-size limit) raises CheckpointWriteError and leaves every
-    earlier checkpoint as it was.
+    earlier checkpoint as it was. `gathered`: the full (model, optimizer) state dicts of a
+    sharded run, collected on rank 0 (train/distributed.py), written in the same format.
     """
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step_{step:06d}"
-    weights, aliases = model_tensors(model)
-    optim, optim_rest = optimizer_tensors(optimizer) if optimizer is not None else ({}, None)
+    final = checkpoint_path(run_dir, step)
+    root = final.parent
+    weights, aliases = model_tensors(model, gathered[0] if gathered else None)
+    optim, optim_rest = ({}, None)
+    if optimizer is not None:
+        optim, optim_rest = optimizer_tensors(optimizer, gathered[1] if gathered else None)
     try:
         check_finite(weights, "model")
         check_finite(optim, "optimizer state")
@@ -223,6 +259,11 @@ def save_checkpoint(
         ) from None
     _purge(root, keep)
     return final
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where checkpoint `step` of `run_dir` lives once written."""
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:06d}"
 
 
 def _clean_leftovers(root: Path) -> None:
@@ -290,8 +331,8 @@ def latest_good(run_dir: Path) -> Path | None:
     return None
 
 
-def load_model_weights(path: Path, model: nn.Module) -> None:
-    """Load `path/model.safetensors` into `model` (all keys must match; aliases re-tied)."""
+def read_model_weights(path: Path) -> dict[str, Tensor]:
+    """`path/model.safetensors` as a state dict, tied aliases filled in again."""
     file = Path(path) / "model.safetensors"
     try:
         tensors = load_safetensors(file)
@@ -299,6 +340,13 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     except (WeightsFormatError, ValueError) as e:
         raise CheckpointError(f"cannot load {file}: {e}") from None
     tensors.update({alias: tensors[name] for alias, name in aliases.items() if name in tensors})
+    return tensors
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Load `path/model.safetensors` into `model` (all keys must match; aliases re-tied)."""
+    file = Path(path) / "model.safetensors"
+    tensors = read_model_weights(path)
     missing, unexpected = _key_diff(model, tensors)
     if missing or unexpected:
         raise CheckpointError(
@@ -325,16 +373,19 @@ def load_checkpoint(
     load_model_weights(path, model)
     state = read_json(path / "state.json")
     if optimizer is not None:
-        if not (path / "optim.safetensors").is_file() or state.get("optimizer") is None:
-            raise CheckpointError(
-                f"{path} holds no optimizer state; cannot resume training from it"
-            )
-        try:
-            tensors = load_safetensors(path / "optim.safetensors")
-        except WeightsFormatError as e:
-            raise CheckpointError(f"cannot load the optimizer state: {e}") from None
-        restore_optimizer(optimizer, tensors, state["optimizer"])
+        restore_optimizer(optimizer, *read_optimizer(path, state))
     return state
+
+
+def read_optimizer(path: Path, state: dict[str, Any]) -> tuple[dict[str, Tensor], dict]:
+    """The flattened optimizer tensors and their JSON rest (see `optimizer_tensors`)."""
+    if not (Path(path) / "optim.safetensors").is_file() or state.get("optimizer") is None:
+        raise CheckpointError(f"{path} holds no optimizer state; cannot resume training from it")
+    try:
+        tensors = load_safetensors(Path(path) / "optim.safetensors")
+    except WeightsFormatError as e:
+        raise CheckpointError(f"cannot load the optimizer state: {e}") from None
+    return tensors, state["optimizer"]
 
 
 def read_json(path: Path) -> Any:
