@@ -245,8 +245,8 @@ def pretrain(run: RunConfig, out_dir: Path, *, resume: bool = False) -> RunResul
     run = dataclasses.replace(
         run, model=dataclasses.replace(run.model, vocab_size=tokenizer.vocab_size)
     )
-    if resolve_device(run.train.device).type == "cpu":  # GPU memory is the device's to report
-        check_fits(run.model, run.train.batch_size)
+    if device.type == "cpu":  # GPU memory is the device's to report
+        check_fits(run.model, max(1, run.train.batch_size // world.size))
     seed_everything(run.train.seed)
     model = Transformer(run.model)
     # Pinned host batches let the copy to the GPU overlap the previous step's compute.
