@@ -59,9 +59,13 @@ class Scheduler:
 
     def __init__(self):
         self.calls = 0
+        self.hold = None  # a threading.Event the next call waits for before it runs
 
     async def run_exclusive(self, fn):
         self.calls += 1
+        hold, self.hold = self.hold, None
+        while hold is not None and not hold.is_set():
+            await asyncio.sleep(0.01)
         return await asyncio.to_thread(fn)
 
 
@@ -384,6 +388,26 @@ def test_explain_page_shows_heatmap_lens_and_probability_bars(page, live, loaded
     assert widths and all(0 <= w <= 100 for w in widths) and max(widths) > 0
     assert page.inner_text(".stage >> nth=1").count("%") == 5  # top-k keeps exactly 5
     assert not page.errors, page.errors
+
+
+def test_explain_page_keeps_the_newest_answer_when_an_older_one_arrives_late(page, live):
+    page.goto(live.url + "/explain")
+    page.wait_for_selector("#result:visible")
+    scheduler, hold = live.app_state.scheduler, threading.Event()
+    scheduler.hold, calls = hold, scheduler.calls
+    page.fill("#temperature", "0.5")
+    page.press("#temperature", "Tab")  # this request waits on the server...
+    for _ in range(1000):
+        if scheduler.calls > calls:
+            break
+        threading.Event().wait(0.01)
+    page.fill("#temperature", "0.9")
+    page.press("#temperature", "Tab")  # ...while a newer one is answered
+    page.wait_for_selector(".stage h3:has-text('Temperature 0.9')")
+    assert page.is_disabled("#run")  # the older one is still out
+    hold.set()
+    page.wait_for_selector("#run:enabled")
+    assert "Temperature 0.9" in page.inner_text("#stages")
 
 
 def test_screenshots_for_a_person(page, live, tmp_path):

@@ -11,9 +11,11 @@ function el(tag, props, ...kids) {
   return node;
 }
 
-// A token's text with its spaces and line breaks made visible (' the' -> '␣the').
+// A token's text with its spaces and line breaks made visible (' the' -> '␣the') and other
+// control characters written as \xNN, as the terminal view of `pellucid explain` does.
 function visible(text) {
-  return String(text).replace(/ /g, '␣').replace(/\n/g, '↵').replace(/\t/g, '⇥');
+  return String(text).replace(/ /g, '␣').replace(/\n/g, '↵').replace(/\t/g, '⇥')
+    .replace(/[\x00-\x1f\x7f]/g, (c) => '\\x' + c.charCodeAt(0).toString(16).padStart(2, '0'));
 }
 
 function pct(p) {

@@ -6,6 +6,8 @@
 
 const $ = (id) => document.getElementById(id);
 let data = null;  // the last explain JSON
+let latest = 0;  // the number of the newest request: an older answer arriving late is dropped
+let pending = 0;  // requests in flight; the Explain button waits for all of them
 
 function number(id) {
   const v = $(id).value.trim();
@@ -26,19 +28,24 @@ async function run() {
   status.className = 'muted';
   status.textContent = 'Running the model…';
   $('run').disabled = true;
+  const mine = ++latest;
+  pending++;
   try {
     const res = await apiFetch('/v1/explain', {method: 'POST', body: JSON.stringify(requestBody())});
-    if (!res.ok) throw new Error(await errorText(res));
-    data = await res.json();
+    const answer = res.ok ? await res.json() : new Error(await errorText(res));
+    if (mine !== latest) return;
+    if (answer instanceof Error) throw answer;
+    data = answer;
     const m = data.model;
     status.textContent = `${data.tokens.length} tokens · ${m.n_layer} layers of ${m.n_head} attention heads · ` +
       `${m.params.toLocaleString('en')} parameters`;
     show();
   } catch (err) {
+    if (mine !== latest) return;
     status.className = 'error';
     status.textContent = err.message;
   } finally {
-    $('run').disabled = false;
+    $('run').disabled = --pending > 0;
   }
 }
 
@@ -165,7 +172,7 @@ function showStages() {
   const nt = data.next_token, chosen = nt.chosen;
   $('stages').replaceChildren(...nt.stages.map((s, i) => el('div', {className: 'stage'},
     el('h3', {textContent: `${i + 1}. ${stageTitle(s)}`}),
-    el('div', {className: 'muted', textContent: `${s.kept.toLocaleString('en')} candidates left`}),
+    el('div', {className: 'muted', textContent: s.kept === 1 ? 'one candidate left' : `${s.kept.toLocaleString('en')} candidates left`}),
     el('table', {}, ...s.top.slice(0, 8).map((t) => el('tr', {className: t.id === chosen.id ? 'chosen' : ''},
       el('td', {}, el('code', {textContent: visible(t.text)})), el('td', {}, bar(t.prob)),
       el('td', {className: 'num', textContent: pct(t.prob)})))))));
@@ -190,6 +197,8 @@ function init() {
   $('ask').addEventListener('submit', (ev) => { ev.preventDefault(); run(); });
   for (const id of ['temperature', 'top-k', 'top-p', 'min-p', 'seed', 'steps']) $(id).addEventListener('change', run);
   for (const id of ['layer', 'head', 'position']) $(id).addEventListener('change', drawAttention);
+  const prompt = new URLSearchParams(location.search).get('prompt');  // /explain?prompt=...
+  if (prompt) $('prompt').value = prompt;
   run();
 }
 
