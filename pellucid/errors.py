@@ -33,5 +33,9 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint that could not be written (disk full, file too large); the previous one is intact."""
 
 
+class CapacityError(PellucidError):
+    """Not enough KV-cache memory for one more sequence right now (a server answers 429/503)."""
+
+
 class TrainingError(PellucidError):
     """Training that cannot go on (non-finite loss or gradients)."""

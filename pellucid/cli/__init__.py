@@ -17,6 +17,7 @@ from pellucid import __version__
 from pellucid.cli.data import add_data, add_tokenizer
 from pellucid.cli.explain import add_explain, add_explain_train
 from pellucid.cli.generate import add_chat, add_export, add_generate
+from pellucid.cli.serve import add_serve
 from pellucid.cli.train import add_demo, add_train
 from pellucid.errors import PellucidError
 
@@ -30,6 +31,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_demo,
     add_explain,
     add_explain_train,
+    add_serve,
 ]
 
 

@@ -1,22 +1,35 @@
-"""The generation loop: prefill and decode over a KV cache, for ragged batches of prompts.
+"""The generation loop: sequences join, step together through one batched forward, and leave.
 
-This is the only generation loop in pellucid: the CLI, chat, the server, explain and PPO rollouts
-all call `Engine.generate`. One call runs, for B prompts of different lengths:
+This is the only decode loop in pellucid. Its core is step-wise, for continuous batching:
 
-    prefill  right-pad the prompts to (B, L_max), one forward that fills a KVCache of B rows, then
-             set each row's cached length to its own prompt length (the padding is never seen)
-    decode   pick one token per live row from its last logits, stream it, then feed all live
-             rows' tokens through ONE forward (B_live, 1); row b's token takes position
-             cache.lengths[b]. Finished rows leave the batch (cache.keep_rows).
+    handle = engine.add(prompt_ids, params)   # admit one sequence; its KV memory is reserved
+    steps = engine.step()                     # one token for every live sequence
+    engine.cancel(handle)                     # drop one at once (a client went away)
+
+One `step()`:
+    prefill  every sequence added since the last step is placed in the next free row of the KV
+             pool (kv_pool.py) and its prompt is run there (right-padded together with the
+             others that joined; a Session's cached prefix is copied in, not recomputed). Its
+             last logits give its first token.
+    decode   every other live sequence feeds the token it got at the previous step through ONE
+             forward (B_live, 1) over the pool's rows 0 .. B_live-1; row b's token takes
+             position cached[b], so each row continues from its own length.
+    choose   each row's next token from its logits, with its own SamplingParams (rows with the
+             same sampling chain share one call to the functions of sampling.py) and its own
+             torch.Generator, seeded from params.seed when it was added.
+    finish   a sequence that ends (stop token or string, max_new_tokens, context) is removed at
+             once and its KV memory goes back to the pool; its Step says why.
+
+`generate(prompts, params)` (and `complete`, chat's Conversation, explain, the CLI) is this core
+driven to the end: it adds the prompts (prompt i seeded params.seed + i; those that do not fit the
+pool wait until memory frees), steps, and relabels each Step with its prompt's index. A server
+calls add/step/cancel itself, from one worker thread.
 
 What a Step reports as `logprob` and `top` is the model's own distribution, log_softmax of the raw
 logits, before the repetition penalty, the filters and temperature (vLLM's default "raw"
 logprobs): the number perplexity is made of, the same whatever the sampling settings, and
-alternatives that top-k/top-p removed still show with what the model gave them.
-
-Text is decoded per row by a StreamDecoder (whole characters only) and held back while it could
-be the start of a stop string, so no part of a stop string is ever emitted and the streamed
-deltas join to exactly the final text.
+alternatives that top-k/top-p removed still show with what the model gave them. Text deltas and
+stop strings: sequence.py.
 
     engine = Engine(model, tokenizer)
     for steps in engine.generate([ids_a, ids_b], SamplingParams(temperature=0)):
@@ -26,7 +39,7 @@ deltas join to exactly the final text.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -35,193 +48,159 @@ import torch
 from torch import Tensor, nn
 
 from pellucid.errors import ConfigError, PellucidError
+from pellucid.infer.kv_pool import KVPool, default_budget
 from pellucid.infer.sampling import SamplingParams, probabilities, process_logits, sample, seen_mask
+from pellucid.infer.sequence import Completion, RowText, Step, Timing, common_prefix, split_stop
 from pellucid.model.kv_cache import KVCache
 from pellucid.tokenizer.stream import StreamDecoder
 
 if TYPE_CHECKING:
     from pellucid.tokenizer.bpe import Tokenizer
 
-
-@dataclass
-class Step:
-    """One generated token of one row."""
-
-    row: int  # index of the prompt in `prompts`
-    id: int  # the token, a stop token included
-    logprob: float  # log p_model(id | context): log_softmax of the raw logits
-    text: str  # UTF-8-safe text delta (whole characters); may be "" while text is held back
-    top: list[tuple[int, float]]  # the top_logprobs most likely (id, logprob), best first
-    finish_reason: str | None = None  # "stop" (token or string), "length" (max tokens, context)
+__all__ = ["Completion", "Engine", "Session", "Step", "Timing", "common_prefix", "split_stop"]
 
 
 @dataclass
 class Session:
     """A conversation's KV cache and the ids whose K/V it holds, reused across turns.
 
-    Pass the same Session to every `generate` call of one chat (one prompt per call, the whole
-    conversation so far): the cache keeps the longest common prefix of what it holds and the new
-    prompt, and only the rest is prefilled.
+    Pass the same Session to every `generate`/`add` of one chat (one prompt each time, the whole
+    conversation so far): the longest common prefix of what it holds and the new prompt is copied
+    into the sequence's row of the pool and only the rest is prefilled. When the sequence ends its
+    K/V are copied back, into a cache of the next power of two tokens that holds them: it grows
+    with the conversation, it is not the whole context up front. Between turns this memory
+    belongs to the Session, not to the engine's pool.
     """
 
     cache: KVCache | None = None
     ids: list[int] = field(default_factory=list)  # tokens in the cache, in order
 
 
-@dataclass
-class Timing:
-    """Where a generate call spent its time (the consumer's time between steps not counted)."""
+class _Seq:
+    """One admitted sequence: its parameters, random stream, text state and place in the cache."""
 
-    prefill_tokens: int = 0  # prompt tokens run through the model (not those reused)
-    prefill_s: float = 0.0  # the prefill forward and the first token's choice
-    decode_tokens: int = 0  # tokens produced by decode forwards, all rows together
-    decode_s: float = 0.0
+    __slots__ = ("cached", "gen", "handle", "ids", "params", "seen", "session", "text", "use_cache")
 
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
-
-
-@dataclass
-class Completion:
-    """The result of `Engine.complete`: one prompt, everything generated for it."""
-
-    prompt_ids: list[int]
-    ids: list[int]  # generated tokens (a final stop token included; its text is not)
-    text: str  # == "".join(step.text for step in steps)
-    steps: list[Step]
-    finish_reason: str
-    timing: Timing
-
-    def to_dict(self) -> dict:
-        """As plain JSON-able data (what `generate --json` prints): ids, text, every step with
-        its top alternatives, and the timing."""
-        t = self.timing
-        return {
-            "prompt_ids": self.prompt_ids,
-            "ids": self.ids,
-            "text": self.text,
-            "finish_reason": self.finish_reason,
-            "steps": [
-                {
-                    "id": s.id,
-                    "text": s.text,
-                    "logprob": s.logprob,
-                    "top": [{"id": i, "logprob": lp} for i, lp in s.top],
-                }
-                for s in self.steps
-            ],
-            "timing": {
-                "prefill_tokens": t.prefill_tokens,
-                "prefill_tokens_per_s": t.prefill_tokens_per_s,
-                "decode_tokens": t.decode_tokens,
-                "decode_tokens_per_s": t.decode_tokens_per_s,
-            },
-        }
-
-
-def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
-    """Split pending text into (emit now, hold back, stopped).
-
-    If a stop string occurs, emit what precedes the earliest one and stop. Otherwise hold back the
-    longest tail of `text` that is a proper prefix of some stop string (it may yet become one);
-    no occurrence can then start inside the emitted part.
-
-    >>> split_stop("Hello, wor", ["world"])
-    ('Hello, ', 'wor', False)
-    >>> split_stop("say world!", ["world"])
-    ('say ', '', True)
-    """
-    cuts = [i for s in stops if (i := text.find(s)) >= 0]
-    if cuts:
-        return text[: min(cuts)], "", True
-    hold = max(
-        (k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])),
-        default=0,
-    )
-    return text[: len(text) - hold], text[len(text) - hold :], False
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two id sequences."""
-    n = 0
-    for x, y in zip(a, b, strict=False):  # stops at the shorter one
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class _Row:
-    """Python-side state of one row: its counters, text decoder and stop-string hold-back."""
-
-    __slots__ = ("decoder", "held", "index", "n_new", "prompt_len")
-
-    def __init__(self, index: int, prompt_len: int, decoder: StreamDecoder | None) -> None:
-        self.index, self.prompt_len, self.decoder = index, prompt_len, decoder
-        self.n_new, self.held = 0, ""
-
-    def step(
+    def __init__(
         self,
-        id: int,
-        logprob: float,
-        top: list[tuple[int, float]],
+        handle: int,
+        prompt: list[int],
         params: SamplingParams,
-        context_len: int,
-    ) -> Step:
-        """Account for one new token; decide whether the row is finished and what text to emit."""
-        self.n_new += 1
-        if id in params.stop_token_ids:
-            text, _ = self._flush(params.stop)  # the stop token's own text is not emitted
-            return Step(self.index, id, logprob, text, top, "stop")
-        text, stopped = "", False
-        if self.decoder is not None:
-            text, self.held, stopped = split_stop(self.held + self.decoder.push(id), params.stop)
-        if stopped:
-            return Step(self.index, id, logprob, text, top, "stop")
-        # Prompt + output never exceed the context, so a finished row's ids always fit a model.
-        if self.n_new >= params.max_new_tokens or self.prompt_len + self.n_new >= context_len:
-            rest, stopped = self._flush(params.stop)
-            return Step(self.index, id, logprob, text + rest, top, "stop" if stopped else "length")
-        return Step(self.index, id, logprob, text, top)
-
-    def _flush(self, stops: Sequence[str]) -> tuple[str, bool]:
-        """The held-back text and the decoder's last bytes, up to a stop string if one is there."""
-        if self.decoder is None:
-            return "", False
-        pending, self.held = self.held + self.decoder.flush(), ""
-        text, held, stopped = split_stop(pending, stops)
-        return (text if stopped else text + held), stopped  # a partial stop at the end is text
-
-
-@dataclass
-class _State:
-    """The tensors of one generate call, for the rows still live."""
-
-    logits: Tensor  # (B, V) next-token logits
-    cache: KVCache | None  # None: recompute whole sequences (use_cache=False)
-    seqs: list[list[int]]  # every row's ids (the uncached path extends them at each step)
-    seen: Tensor | None  # (B, V) bool tokens present per row, for the repetition penalty
-    prefilled: int  # tokens the prefill ran through the model
+        gen: torch.Generator,
+        text: RowText,
+        seen: Tensor | None,
+        session: Session | None,
+        use_cache: bool,
+    ) -> None:
+        self.handle, self.params, self.gen, self.text = handle, params, gen, text
+        self.ids = list(prompt)  # prompt + every token chosen so far
+        self.seen = seen  # (V,) bool, tokens in ids, for the repetition penalty (None: off)
+        self.session, self.use_cache = session, use_cache
+        self.cached = 0  # tokens whose K/V are in the pool's row (all but the last chosen one)
 
 
 class Engine:
-    """Generates from a model: greedy or sampled, batched, streamed, with or without a cache.
+    """Generates from a model: greedy or sampled, continuously batched, streamed.
 
     model: a Transformer, or anything with its `cfg`, `forward_hidden(ids, *, cache)` and
     `logits(hidden)`. The engine only ever reads the output head at each row's last position.
+    kv_budget_bytes: the KV pool's memory budget; None: 8 full-context rows (at least 256 MiB),
+    at most a quarter of the device's memory (kv_pool.default_budget).
+
+    Single-threaded by contract: add, step and cancel (and generate) must be called from one
+    thread (a server's one worker thread); nothing here takes a lock.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer | None = None,
+        *,
+        kv_budget_bytes: int | None = None,
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.cfg = model.cfg
         first = next(model.parameters())
         self.device = first.device
         self.dtype = first.dtype if first.is_floating_point() else torch.float32
+        if kv_budget_bytes is None:
+            kv_budget_bytes = default_budget(self.cfg, self.dtype, self.device)
+        if isinstance(kv_budget_bytes, bool) or not isinstance(kv_budget_bytes, int):
+            raise ConfigError(f"kv_budget_bytes must be an integer, got {kv_budget_bytes!r}")
+        if kv_budget_bytes < 1:
+            raise ConfigError(f"kv_budget_bytes must be positive, got {kv_budget_bytes}")
+        self.pool = KVPool(self.cfg, kv_budget_bytes, self.device, self.dtype)
+        self._seqs: dict[int, _Seq] = {}  # live sequences by handle
+        self._pending: list[_Seq] = []  # added since the last step, not yet prefilled
+        self._next_handle = 0
+        self.last_step = Timing()  # where the latest step() spent its time
+
+    # --- the step-wise core ------------------------------------------------------------------------
+
+    @property
+    def n_live(self) -> int:
+        """Sequences admitted and not finished (nor cancelled)."""
+        return len(self._seqs)
+
+    @property
+    def kv_bytes_used(self) -> int:
+        """Bytes of KV memory the pool holds now (0 when nothing is live)."""
+        return self.pool.nbytes
+
+    @property
+    def kv_bytes_budget(self) -> int:
+        return self.pool.budget
+
+    def can_admit(self, n_tokens: int) -> bool:
+        """Could a sequence reserving n_tokens (prompt + max_new_tokens) join now?"""
+        return self.pool.fits(min(n_tokens, self.cfg.context_len))
+
+    def add(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        session: Session | None = None,
+        use_cache: bool = True,
+    ) -> int:
+        """Admit one sequence; returns its handle (unique per Engine). It is prefilled at the next
+        step. Raises a one-line PellucidError for a bad prompt or params (as generate does), and
+        CapacityError when the pool cannot reserve len(prompt) + max_new_tokens tokens (within the
+        context) right now. use_cache=False recomputes the whole sequence at every step and takes
+        no pool memory (for tests and benchmarks)."""
+        self._check(prompt, params, "the prompt")
+        return self._admit(prompt, params, session, use_cache, params.seed)
+
+    def step(self) -> list[Step]:
+        """One engine step: prefill every sequence added since the last step (its first token) and
+        one batched decode forward for all the others. Returns one Step per live sequence,
+        Step.row its handle; a Step with finish_reason set means that sequence is finished and
+        removed, its KV memory back in the pool. The model is in eval mode during the step. If
+        the step raises (NaN logits, an interrupt), every live sequence is cancelled."""
+        if not self._seqs:
+            self.last_step = Timing()
+            return []
+        was_training = self.model.training
+        if was_training:  # eval mode: no dropout; the caller's mode comes back after the step
+            self.model.train(False)
+        try:
+            return self._step()
+        except BaseException:  # e.g. NaN logits, Ctrl-C: no sequence can go on half-stepped
+            for handle in list(self._seqs):
+                self.cancel(handle)
+            raise
+        finally:
+            if was_training:
+                self.model.train(True)
+
+    def cancel(self, handle: int) -> None:
+        """Remove a live sequence at once, freeing its KV memory (a Session keeps what its
+        sequence had cached); unknown or finished handles are ignored."""
+        seq = self._seqs.get(handle)
+        if seq is not None:
+            self._remove(seq)
+
+    # --- the whole-batch API, on top of the core ---------------------------------------------------
 
     def generate(
         self,
@@ -232,15 +211,27 @@ class Engine:
         session: Session | None = None,
         timing: Timing | None = None,
     ) -> Iterator[list[Step]]:
-        """Generate for every prompt; yields, per decode step, one Step per row still live.
+        """Generate for every prompt; yields, per step, one Step per prompt still live (in prompt
+        order, Step.row the prompt's index).
 
         prompts: token id lists, any lengths (each shorter than the model's context).
         use_cache=False recomputes every whole sequence at each step (for tests and benchmarks).
         session: reuse a conversation's cache (one prompt only). timing: filled in as it runs.
-        Bad input raises here, before the first step.
+        Bad input raises here, before the first step. The engine must be idle (no sequences
+        added with `add` still live): generate drives its steps itself.
         """
-        self._check(prompts, params, use_cache, session)
-        return self._run(prompts, params, use_cache, session, timing or Timing())
+        if not prompts:
+            raise ConfigError("generate needs at least one prompt")
+        for i, p in enumerate(prompts):
+            self._check(p, params, f"prompt {i}")
+        if session is not None and (len(prompts) != 1 or not use_cache):
+            raise ConfigError("a Session takes exactly one prompt and needs the KV cache")
+        if self._seqs:
+            raise ConfigError(
+                f"generate runs the engine's steps itself, but {len(self._seqs)} sequences added "
+                "with add() are live: step them to the end or cancel them first"
+            )
+        return self._generate(prompts, params, use_cache, session, timing or Timing())
 
     def complete(
         self,
@@ -265,35 +256,7 @@ class Engine:
             timing=timing,
         )
 
-    def _check(
-        self,
-        prompts: list[list[int]],
-        params: SamplingParams,
-        use_cache: bool,
-        session: Session | None,
-    ) -> None:
-        ctx, V = self.cfg.context_len, self.cfg.vocab_size
-        if not prompts:
-            raise ConfigError("generate needs at least one prompt")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise PellucidError(f"prompt {i} is empty: give at least one token")
-            if len(p) >= ctx:
-                raise PellucidError(
-                    f"prompt {i} is {len(p)} tokens but the model's context is {ctx} tokens "
-                    f"(prompt + output must fit, so at most {ctx - 1} for the prompt)"
-                )
-            if not all(0 <= t < V for t in p):
-                bad = next(t for t in p if not 0 <= t < V)
-                raise PellucidError(
-                    f"prompt {i} has token id {bad}, outside the vocabulary [0, {V})"
-                )
-        if params.stop and self.tokenizer is None:
-            raise ConfigError("sampling stop strings need an Engine with a tokenizer")
-        if session is not None and (len(prompts) != 1 or not use_cache):
-            raise ConfigError("a Session takes exactly one prompt and needs the KV cache")
-
-    def _run(
+    def _generate(
         self,
         prompts: list[list[int]],
         params: SamplingParams,
@@ -301,130 +264,217 @@ class Engine:
         session: Session | None,
         timing: Timing,
     ) -> Iterator[list[Step]]:
-        rows = [_Row(i, len(p), self._decoder()) for i, p in enumerate(prompts)]
-        gens = [_generator(params.seed, i) for i in range(len(prompts))]
-        ctx = self.cfg.context_len
-        was_training = self.model.training
-        self.model.train(False)  # eval mode: no dropout; the caller's mode comes back at the end
+        waiting = list(enumerate(prompts))[::-1]  # popped from the end: prompt 0 first
+        index: dict[int, int] = {}  # handle -> prompt index, for the live ones
         try:
-            clock = perf_counter()
-            state = self._prefill(prompts, params, use_cache, session)
-            timing.prefill_tokens += state.prefilled
-            first = True
-            while True:
-                ids, logprobs, tops = self._choose(state, params, gens)
-                steps = [
-                    row.step(ids[b], logprobs[b], tops[b], params, ctx)
-                    for b, row in enumerate(rows)
-                ]
-                spent = perf_counter() - clock
-                if first:
-                    timing.prefill_s += spent
-                else:
-                    timing.decode_s += spent
-                    timing.decode_tokens += len(steps)
-                yield steps
-                clock, first = perf_counter(), False
-                live = [b for b, s in enumerate(steps) if s.finish_reason is None]
-                if not live:
-                    return
-                if len(live) < len(rows):
-                    rows, gens = [rows[b] for b in live], [gens[b] for b in live]
-                self._feed(state, live, [ids[b] for b in live], session)
-        finally:
-            self.model.train(was_training)
+            while waiting or index:
+                # Admit what fits; the first one always tries (CapacityError if it never fits).
+                while waiting and (
+                    not index
+                    or not use_cache
+                    or self.can_admit(len(waiting[-1][1]) + params.max_new_tokens)
+                ):
+                    i, prompt = waiting.pop()
+                    seed = None if params.seed is None else params.seed + i
+                    index[self._admit(prompt, params, session, use_cache, seed)] = i
+                mine = []
+                for step in self.step():
+                    done = step.finish_reason is not None
+                    i = index.pop(step.row, None) if done else index.get(step.row)
+                    if i is not None:
+                        step.row = i
+                        mine.append(step)
+                for name in ("prefill_tokens", "prefill_s", "decode_tokens", "decode_s"):
+                    setattr(timing, name, getattr(timing, name) + getattr(self.last_step, name))
+                yield sorted(mine, key=lambda s: s.row)
+        finally:  # the consumer stopped early (or an error): free what is still live
+            for handle in list(index):
+                self.cancel(handle)
 
-    def _decoder(self) -> StreamDecoder | None:
-        return StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
+    # --- admission and removal ---------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def _prefill(
+    def _check(self, prompt: list[int], params: SamplingParams, name: str) -> None:
+        """One-line errors for what cannot be generated from (before anything is reserved)."""
+        ctx, V = self.cfg.context_len, self.cfg.vocab_size
+        if not isinstance(params, SamplingParams):
+            raise ConfigError(
+                f"sampling params must be a SamplingParams, got {type(params).__name__}"
+            )
+        if not isinstance(prompt, (list, tuple)):
+            raise PellucidError(f"{name} must be a list of token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise PellucidError(f"{name} is empty: give at least one token")
+        if len(prompt) >= ctx:
+            raise PellucidError(
+                f"{name} is {len(prompt)} tokens but the model's context is {ctx} tokens "
+                f"(prompt + output must fit, so at most {ctx - 1} for the prompt)"
+            )
+        bad = next((t for t in prompt if not (type(t) is int and 0 <= t < V)), None)
+        if bad is not None:
+            raise PellucidError(f"{name} has token id {bad!r}, outside the vocabulary [0, {V})")
+        if params.stop and self.tokenizer is None:
+            raise ConfigError("sampling stop strings need an Engine with a tokenizer")
+
+    def _admit(
         self,
-        prompts: list[list[int]],
+        prompt: list[int],
         params: SamplingParams,
-        use_cache: bool,
         session: Session | None,
-    ) -> _State:
-        """Run the prompts through the model; returns the state holding their last logits."""
-        seqs = [list(p) for p in prompts]
+        use_cache: bool,
+        seed: int | None,
+    ) -> int:
+        if session is not None:
+            if not use_cache:
+                raise ConfigError("a Session needs the KV cache")
+            if any(s.session is session for s in self._seqs.values()):
+                raise ConfigError("this Session is in use by a live sequence")
+        handle = self._next_handle
+        if use_cache:  # CapacityError here leaves nothing behind
+            self.pool.reserve(
+                handle, min(len(prompt) + params.max_new_tokens, self.cfg.context_len)
+            )
+        self._next_handle += 1
         seen = None
         if params.repetition_penalty != 1.0:
-            seen = seen_mask(seqs, self.cfg.vocab_size, self.device)
-        n_tokens = sum(map(len, seqs))
-        if not use_cache:
-            return _State(self._last_logits(seqs), None, seqs, seen, n_tokens)
-        if session is not None:
-            return self._prefill_session(seqs[0], session, seen)
-        lengths = torch.tensor([len(p) for p in seqs], device=self.device)  # (B,)
-        max_len = min(self.cfg.context_len, int(lengths.max()) + params.max_new_tokens)
-        cache = KVCache(self.cfg, len(seqs), max_len, device=self.device, dtype=self.dtype)
-        logits = self._last_logits(seqs, cache)
-        cache.advance(lengths)  # each row's true length: its padding will be overwritten
-        return _State(logits, cache, seqs, seen, n_tokens)
+            seen = seen_mask([prompt], self.cfg.vocab_size, self.device)[0]
+        decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
+        text = RowText(handle, len(prompt), decoder)
+        seq = _Seq(handle, prompt, params, _generator(seed), text, seen, session, use_cache)
+        self._seqs[handle] = seq
+        self._pending.append(seq)
+        return handle
 
-    def _prefill_session(self, prompt: list[int], session: Session, seen: Tensor | None) -> _State:
-        """Prefill only what the session's cache does not already hold."""
-        cache = session.cache
-        if cache is None:
-            cache = KVCache(self.cfg, 1, self.cfg.context_len, device=self.device, dtype=self.dtype)
-        held = session.ids[: int(cache.lengths[0])]
-        # Keep at least one prompt token to run: its logits predict the first new token.
-        n = min(common_prefix(held, prompt), len(prompt) - 1)
-        cache.truncate(n)
-        logits = self._last_logits([prompt[n:]], cache)
-        cache.advance(len(prompt) - n)
-        session.cache, session.ids = cache, list(prompt)
-        return _State(logits, cache, [list(prompt)], seen, len(prompt) - n)
+    def _remove(self, seq: _Seq) -> None:
+        """Forget a sequence; a Session gets back the K/V its row holds."""
+        del self._seqs[seq.handle]
+        if seq in self._pending:
+            self._pending.remove(seq)
+        if not seq.use_cache:
+            return
+        session = seq.session
+        if session is not None and seq.handle in self.pool.rows:
+            row = self.pool.rows.index(seq.handle)
+            session.cache = self.pool.save(row, seq.cached, session.cache)
+            session.ids = seq.ids[: seq.cached]
+        self.pool.release(seq.handle)
+
+    # --- one step ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
+    def _step(self) -> list[Step]:
+        timing, clock = Timing(), perf_counter()
+        pending, self._pending = self._pending, []
+        # Decode: the prefilled rows (pool rows 0 .. n-1) and the uncached sequences that have
+        # a token to feed. Prefill: the new ones. `rows` and `parts` list them in one order.
+        rows = [self._seqs[h] for h in self.pool.rows]
+        parts = []
+        if rows:
+            cache = self.pool.view(0, len(rows), [s.cached for s in rows])
+            parts.append(self._last_logits([[s.ids[-1]] for s in rows], cache))
+            for s in rows:
+                s.cached += 1
+        timing.decode_tokens = len(rows)
+        uncached = [s for s in self._seqs.values() if not s.use_cache]
+        if uncached:  # the whole sequence again, new or not: one forward without a cache
+            parts.append(self._last_logits([s.ids for s in uncached]))
+            fresh = sum(len(s.ids) for s in uncached if s.text.n_new == 0)
+            timing.prefill_tokens += fresh
+            timing.decode_tokens += sum(1 for s in uncached if s.text.n_new > 0)
+            rows += uncached
+        timing.decode_s = perf_counter() - clock
+        new = [s for s in pending if s.use_cache]
+        if new:
+            clock = perf_counter()
+            parts.append(self._prefill(new, timing))
+            rows += new
+            timing.prefill_s = perf_counter() - clock
+        clock = perf_counter()
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, V)
+        ids, logprobs, tops = self._choose(rows, logits)
+        steps = []
+        for b, s in enumerate(rows):
+            step = s.text.step(ids[b], logprobs[b], tops[b], s.params, self.cfg.context_len)
+            s.ids.append(ids[b])
+            steps.append(step)
+            if step.finish_reason is not None:
+                self._remove(s)
+        chose = perf_counter() - clock
+        if timing.decode_tokens:
+            timing.decode_s += chose
+        else:
+            timing.prefill_s += chose + timing.decode_s
+            timing.decode_s = 0.0
+        self.last_step = timing
+        return steps
+
+    def _prefill(self, seqs: list[_Seq], timing: Timing) -> Tensor:
+        """Place new sequences in the next rows and run their prompts there; (N, V) logits."""
+        start, lengths, todo = len(self.pool.rows), [], []
+        for s in seqs:
+            row = self.pool.place(s.handle)
+            s.cached = self._reuse(s, row)
+            lengths.append(s.cached)
+            todo.append(s.ids[s.cached :])
+        timing.prefill_tokens += sum(map(len, todo))
+        logits = self._last_logits(todo, self.pool.view(start, start + len(seqs), lengths))
+        for s in seqs:  # only now: an interrupted prefill leaves a Session nothing half-written
+            s.cached = len(s.ids)
+        return logits
+
+    def _reuse(self, seq: _Seq, row: int) -> int:
+        """Copy the prefix a Session's cache shares with the prompt into `row`; its length."""
+        session = seq.session
+        if session is None or session.cache is None:
+            return 0
+        held = session.ids[: int(session.cache.lengths[0])]
+        # Keep at least one prompt token to run: its logits predict the first new token.
+        n = min(common_prefix(held, seq.ids), len(seq.ids) - 1)
+        if n:
+            self.pool.load(row, session.cache, n)
+        return n
+
     def _choose(
-        self, state: _State, params: SamplingParams, gens: list[torch.Generator]
+        self, seqs: list[_Seq], logits: Tensor
     ) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
-        """Pick each row's next token; returns ids, their logprobs and the top alternatives."""
-        if bool(state.logits.isnan().any()):  # no distribution to sample from: say so, by name
+        """Pick each row's next token with its own params; returns ids, their logprobs and the
+        top alternatives. logits: (B, V), row b for seqs[b]."""
+        if bool(logits.isnan().any()):  # no distribution to sample from: say so, by name
             raise PellucidError(
                 "the model produced NaN logits (non-finite weights or an overflow); "
                 "no token can be chosen"
             )
-        logprobs = torch.log_softmax(state.logits.float(), dim=-1)  # (B, V) the model's own
-        logits = process_logits(state.logits, params, state.seen)
-        if params.temperature == 0:
-            ids = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-        else:
-            ids = sample(probabilities(logits, params.temperature), gens)
-        if state.seen is not None:
-            state.seen.scatter_(1, ids, True)
-        chosen = logprobs.gather(1, ids)[:, 0].tolist()
-        tops: list[list[tuple[int, float]]] = [[] for _ in range(ids.shape[0])]
-        k = min(params.top_logprobs, logprobs.shape[-1])
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V) the model's own
+        ids = torch.empty(len(seqs), 1, dtype=torch.int64, device=logits.device)
+        for params, group in _groups(seqs):
+            every = len(group) == len(seqs)
+            z = logits if every else logits[group]  # (G, V)
+            seen = None
+            if params.repetition_penalty != 1.0:
+                seen = torch.stack([seqs[b].seen for b in group])  # (G, V)
+            z = process_logits(z, params, seen)
+            if params.temperature == 0:
+                chosen = z.argmax(dim=-1, keepdim=True)  # (G, 1)
+            else:
+                chosen = sample(probabilities(z, params.temperature), [seqs[b].gen for b in group])
+            ids = (
+                chosen
+                if every
+                else ids.index_copy_(0, torch.tensor(group, device=ids.device), chosen)
+            )
+        chosen_logprobs = logprobs.gather(1, ids)[:, 0].tolist()
+        id_list = ids[:, 0].tolist()
+        for s, t in zip(seqs, id_list, strict=True):
+            if s.seen is not None:
+                s.seen[t] = True
+        tops: list[list[tuple[int, float]]] = [[] for _ in seqs]
+        k = min(max(s.params.top_logprobs for s in seqs), logprobs.shape[-1])
         if k:
             values, top_ids = torch.topk(logprobs, k, dim=-1)  # (B, k)
             tops = [
-                list(zip(i, v, strict=True))
-                for i, v in zip(top_ids.tolist(), values.tolist(), strict=True)
+                list(zip(i[: s.params.top_logprobs], v[: s.params.top_logprobs], strict=True))
+                for s, i, v in zip(seqs, top_ids.tolist(), values.tolist(), strict=True)
             ]
-        return ids[:, 0].tolist(), chosen, tops
-
-    @torch.inference_mode()
-    def _feed(
-        self, state: _State, live: list[int], ids: list[int], session: Session | None
-    ) -> None:
-        """Drop finished rows, then run the live rows' new tokens: state.logits for the next."""
-        if len(live) < len(state.seqs):
-            keep = torch.tensor(live, device=self.device)
-            state.seqs = [state.seqs[b] for b in live]
-            state.seen = state.seen[keep] if state.seen is not None else None
-            if state.cache is not None:
-                state.cache.keep_rows(keep)
-        if state.cache is None:
-            for seq, t in zip(state.seqs, ids, strict=True):
-                seq.append(t)
-            state.logits = self._last_logits(state.seqs)
-            return
-        state.logits = self._last_logits([[t] for t in ids], state.cache)
-        state.cache.advance(1)
-        if session is not None:
-            session.ids.append(ids[0])
+        return id_list, chosen_logprobs, tops
 
     def _last_logits(self, seqs: list[list[int]], cache: KVCache | None = None) -> Tensor:
         """Run the rows' tokens (right-padded with 0) and return the logits (B, V) of each row's
@@ -437,11 +487,22 @@ class Engine:
         return self.model.logits(hidden[torch.arange(len(seqs), device=self.device), last])
 
 
-def _generator(seed: int | None, row: int) -> torch.Generator:
-    """Row `row`'s random stream: seed + row, so a row's tokens ignore the rest of the batch."""
+def _groups(seqs: list[_Seq]) -> list[tuple[SamplingParams, list[int]]]:
+    """Rows with the same sampling chain (temperature and filters; seeds and stop rules aside),
+    so each chain runs once over its rows: [(params of the first, [row, ...]), ...]."""
+    groups: dict[tuple, tuple[SamplingParams, list[int]]] = {}
+    for b, s in enumerate(seqs):
+        p = s.params
+        key = (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty)
+        groups.setdefault(key, (p, []))[1].append(b)
+    return list(groups.values())
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """A sequence's own random stream, so its tokens ignore the rest of the batch."""
     g = torch.Generator()
     if seed is None:
         g.seed()  # a fresh nondeterministic seed
     else:
-        g.manual_seed(seed + row)
+        g.manual_seed(seed)
     return g

@@ -7,6 +7,9 @@ never attended to (see `prepare`) and is overwritten by that row's next tokens.
     cache = KVCache(cfg, batch_size=2, max_len=128)
     logits = model(ids, cache=cache)      # writes K/V at positions lengths[b] + t
     cache.advance(torch.tensor([5, 3]))   # true prompt lengths; the model never advances it
+
+`KVCache.over` wraps buffers that something else owns (the engine's pool, infer/kv_pool.py): the
+model writes through it into those buffers, so a batch of rows can be a slice of a bigger one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ from torch import Tensor
 
 from pellucid.errors import ConfigError, PellucidError
 from pellucid.model.config import ModelConfig
+
+
+def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take in every layer: 2 x n_layer x n_kv_head x head_dim."""
+    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * dtype.itemsize
 
 
 class KVCache:
@@ -40,6 +48,21 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
+
+    @classmethod
+    def over(cls, k: list[Tensor], v: list[Tensor], lengths: Tensor) -> KVCache:
+        """A cache over existing per-layer buffers (B, n_kv_head, max_len, head_dim), e.g. views of
+        rows of a bigger buffer: nothing is allocated and the model's writes land in them.
+        lengths: (B,) int64, the tokens each row already holds."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.lengths = k, v, lengths
+        cache.max_len = k[0].shape[2]
+        return cache
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the K and V buffers, every layer."""
+        return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
 
     @property
     def batch_size(self) -> int:
