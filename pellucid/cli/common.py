@@ -33,6 +33,10 @@ def add_sampling(p: argparse.ArgumentParser, max_new_tokens: int, temperature: f
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty, 1 = off")
     p.add_argument("--seed", type=int, help="same seed, same text")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_quant(p)
+
+
+def add_quant(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quant",
         choices=["auto", "fp32", "q8", "q4"],
