@@ -266,6 +266,16 @@ def test_hovering_a_token_shows_its_probability_and_alternatives(page, live):
     assert page.is_hidden("#tip")
 
 
+def test_a_long_reply_keeps_its_end_in_view(page, live):
+    live.app_state.script = Script([(f"line {i}\n", -0.1, []) for i in range(120)])
+    page.goto(live.url + "/")
+    send(page, "long")
+    page.wait_for_selector(".msg.assistant .foot")
+    gap = page.eval_on_selector("#messages", "m => m.scrollHeight - m.scrollTop - m.clientHeight")
+    height = page.eval_on_selector("#messages", "m => [m.scrollHeight, m.clientHeight]")
+    assert height[0] > 2 * height[1] and gap < 60  # it overflowed, and the view followed it
+
+
 def test_stop_button_aborts_the_stream(page, live):
     live.app_state.script = Script([("one", -0.1, []), (" two", -0.1, [])], hold_after=1)
     page.goto(live.url + "/")

@@ -47,6 +47,7 @@ function newMessage(role, label) {
   const body = el('div', {className: 'body'});
   const msg = el('div', {className: 'msg ' + role}, el('div', {className: 'role', textContent: label}), body);
   $('messages').append(msg);
+  $('messages').scrollTop = $('messages').scrollHeight;
   return {msg, body};
 }
 
@@ -71,8 +72,11 @@ function addPiece(reply, text, entries) {
     tokenData.set(span, entries);
     span.classList.add(shade(Math.exp(entries[0].logprob)));
   }
+  const list = $('messages');
+  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 60;
   reply.body.append(span);
   reply.text += text;
+  if (atBottom) list.scrollTop = list.scrollHeight;  // follow the reply unless the reader scrolled up
 }
 
 function onChunk(reply, chunk) {
