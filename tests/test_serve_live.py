@@ -219,7 +219,9 @@ def test_non_streaming_and_queued_disconnects_are_cancelled():
 
 
 def test_a_client_that_stops_reading_is_cut_off():
-    app, _ = make_app(tiny_loaded(context_len=768), send_timeout_s=1.0)
+    # A step delay keeps generation going well past the send timeout: without it a fast machine
+    # can finish all ~750 tokens before the stalled send times out, and nothing is left to cancel.
+    app, _ = make_app(tiny_loaded(context_len=768), delay=0.02, send_timeout_s=1.0)
     with LiveServer(app, sndbuf=4096) as server:
         body = {
             "messages": MESSAGES,
