@@ -32,6 +32,7 @@ from pellucid.infer.sampling import (
     top_k_filter,
     top_p_filter,
 )
+from pellucid.model.kv_cache import bytes_per_token
 from pellucid.model.transformer import Trace, Transformer
 
 if TYPE_CHECKING:
@@ -225,8 +226,7 @@ def next_token(
 
 def kv_bytes_per_token(model: Transformer) -> int:
     """Bytes the KV cache holds per token: a key and a value per layer and KV head."""
-    c = model.cfg
-    return 2 * c.n_layer * c.n_kv_head * c.head_dim * model.tok_emb.weight.element_size()
+    return bytes_per_token(model.cfg, model.tok_emb.weight.dtype)
 
 
 def cost(model: Transformer, n_tokens: int) -> dict[str, Any]:
