@@ -24,10 +24,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
 from pellucid.explain.trace import explain
+from pellucid.infer.engine import Engine
 from pellucid.infer.sampling import SamplingParams
 from pellucid.model.config import PRESETS
 from pellucid.model.transformer import Transformer
 from pellucid.serve import pages
+from pellucid.serve.app import create_app
 from pellucid.tokenizer.bpe import Tokenizer
 from pellucid.weights.resolve import LoadedModel
 
@@ -50,7 +52,9 @@ PAYLOADS = [
 def loaded():
     tok = Tokenizer.train([TEXT] * 4, 300, special_tokens=["<|endoftext|>"])
     torch.manual_seed(0)
-    model = Transformer(dataclasses.replace(PRESETS["tiny"], vocab_size=300)).eval()
+    # the model's vocabulary is exactly the tokenizer's (277 here); context room for a chat
+    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size, context_len=512)
+    model = Transformer(cfg).eval()
     return LoadedModel(model, tok, None, Path("tiny"), "checkpoint")
 
 
@@ -120,6 +124,8 @@ def fake_app(loaded, api_key=None):
                     "data: " + json.dumps({"choices": [{"delta": {"role": "assistant"}}]}) + "\n\n"
                 )
                 for i, (text, lp, alts) in enumerate(script.chunks):
+                    if text is None:  # the server fails mid-stream: the connection just ends
+                        raise RuntimeError("scripted failure")
                     if i == script.hold_after:
                         while not script.release.is_set():
                             await asyncio.sleep(0.01)
@@ -213,7 +219,8 @@ def test_chat_streams_a_reply_and_keeps_the_conversation(page, live):
     send(page, "hi")
     # the first two chunks are on the page while the server still holds the rest: streamed
     reply = page.locator(".msg.assistant .body").last
-    page.wait_for_function("document.querySelectorAll('.msg.assistant .tok').length === 2")
+    # (no wait_for_function: its string predicates are eval'd, which the page's CSP forbids)
+    page.wait_for_selector(".msg.assistant .tok:nth-child(2)")
     assert reply.inner_text() == "Hello there"
     assert page.is_enabled("#stop") and not page.is_enabled("#send")
     live.app_state.script.release.set()
@@ -229,7 +236,7 @@ def test_chat_streams_a_reply_and_keeps_the_conversation(page, live):
     ]
     live.app_state.script = Script([("Yes", -0.1, [])])
     send(page, "again?")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant .foot').length === 2")
+    page.wait_for_selector("#messages > .msg:nth-child(4) .foot")
     assert live.app_state.bodies[-1]["messages"][1:] == [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "Hello there, cat!"},
@@ -259,6 +266,16 @@ def test_hovering_a_token_shows_its_probability_and_alternatives(page, live):
     assert page.is_hidden("#tip")
 
 
+def test_a_long_reply_keeps_its_end_in_view(page, live):
+    live.app_state.script = Script([(f"line {i}\n", -0.1, []) for i in range(120)])
+    page.goto(live.url + "/")
+    send(page, "long")
+    page.wait_for_selector(".msg.assistant .foot")
+    gap = page.eval_on_selector("#messages", "m => m.scrollHeight - m.scrollTop - m.clientHeight")
+    height = page.eval_on_selector("#messages", "m => [m.scrollHeight, m.clientHeight]")
+    assert height[0] > 2 * height[1] and gap < 60  # it overflowed, and the view followed it
+
+
 def test_stop_button_aborts_the_stream(page, live):
     live.app_state.script = Script([("one", -0.1, []), (" two", -0.1, [])], hold_after=1)
     page.goto(live.url + "/")
@@ -269,6 +286,16 @@ def test_stop_button_aborts_the_stream(page, live):
     assert not live.app_state.script.finished
     page.wait_for_selector(".msg.assistant .foot:has-text('stopped')")
     assert page.is_enabled("#send")
+
+
+def test_a_stream_that_breaks_off_shows_an_error_and_frees_the_page(page, live):
+    live.app_state.script = Script([("half", -0.1, []), (None, 0, [])])
+    page.goto(live.url + "/")
+    send(page, "go")
+    page.wait_for_selector(".msg.assistant .error")
+    assert page.inner_text(".msg.assistant .tok") == "half"  # what came is kept
+    assert page.is_enabled("#send") and page.is_disabled("#stop")
+    page.errors.clear()  # Chromium logs the cut-off response itself
 
 
 def hostile_chunks(seed=0):
@@ -378,7 +405,8 @@ def test_explain_page_shows_heatmap_lens_and_probability_bars(page, live, loaded
     page.fill("#temperature", "0.8")
     page.press("#temperature", "Tab")
     page.wait_for_selector(".stage:has-text('top-k')")
-    page.wait_for_function("document.querySelectorAll('.stage').length === 3")
+    page.wait_for_selector(".stage:nth-child(3)")
+    assert page.locator(".stage").count() == 3
     titles = page.locator(".stage h3").all_inner_texts()
     assert [t.split(".")[0] for t in titles] == ["1", "2", "3"]
     assert "5 most likely" in titles[1] and "Temperature 0.8" in titles[2]
@@ -522,4 +550,81 @@ def test_explain_route_rejects_bad_input_with_a_400(client, body, param):
 
 def test_explain_route_rejects_a_body_that_is_not_json(client):
     r = client.post("/v1/explain", content=b"{nope", headers={"content-type": "application/json"})
-    assert r.status_code == 400 and r.json()["error"]["message"] == "the body is not valid JSON"
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("the request body is not valid JSON")
+
+
+# --- the pages on the real app (serve.app.create_app), a tiny model, an API key ----------------
+
+
+class SlowEngine(Engine):
+    """The real engine, 20 ms slower per step, so a test can press Stop mid-reply."""
+
+    def step(self):
+        threading.Event().wait(0.02)
+        return super().step()
+
+
+@pytest.fixture(scope="module")
+def real(loaded):
+    engine = SlowEngine(loaded.model, loaded.tokenizer)
+    server = LiveServer(create_app(loaded, model_name="tiny", api_key="k3y", engine=engine))
+    yield server
+    server.close()
+
+
+def health(server):
+    import httpx
+
+    return httpx.get(server.url + "/health").json()
+
+
+def test_real_app_chat_streams_hover_and_stop(browser, real):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(real.url + "/")
+    page.fill("#key", "k3y")  # /v1/models answered 401: the page asks for the key
+    page.click("#keyform button")
+    page.wait_for_selector("#model:has-text('tiny')")
+    page.fill("#max-tokens", "6")
+    page.eval_on_selector(
+        "#temperature", "e => { e.value = '0' }"
+    )  # greedy: the same reply each run
+    send(page, "the cat")
+    page.wait_for_selector(".msg.assistant .foot")
+    foot = page.inner_text(".msg.assistant .foot")
+    assert "6 tokens" in foot and "stopped at max tokens" in foot, foot
+    page.hover(".msg.assistant .tok >> nth=0")
+    rows = page.eval_on_selector_all("#tip .alts", "ts => ts.map(t => t.rows.length)")
+    assert rows and all(n == 5 for n in rows)  # top_logprobs: 5 (per token under the mouse)
+    assert "%" in page.inner_text("#tip .tip-head")
+    page.fill("#max-tokens", "300")  # prompt + 300 fit the context of 512
+    send(page, "and the dog")
+    page.wait_for_selector("#messages > .msg:nth-child(4) .tok:nth-child(3)")
+    assert health(real)["sequences_active"] == 1
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant .foot:has-text('stopped') >> nth=0")
+    for _ in range(500):  # the server notices the closed connection and frees the sequence
+        if health(real)["sequences_active"] == 0:
+            break
+        threading.Event().wait(0.01)
+    assert health(real)["sequences_active"] == 0
+    context.close()
+
+
+def test_real_app_explain_page_and_headers(browser, real, loaded):
+    import httpx
+
+    for path in ("/", "/explain", "/static/explain.js"):
+        r = httpx.get(real.url + path)
+        assert r.status_code == 200 and r.headers["content-security-policy"].startswith(CSP)
+    assert httpx.post(real.url + "/v1/explain", json={"prompt": "a"}).status_code == 401
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(real.url + "/explain")
+    page.fill("#key", "k3y")
+    page.click("#keyform button")
+    page.wait_for_selector("#result:visible")
+    assert page.locator("#layer option").count() == loaded.model.cfg.n_layer
+    assert page.locator(".stage").count() == 2  # softmax, then temperature 0
+    context.close()

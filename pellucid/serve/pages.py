@@ -14,17 +14,16 @@ batched decode does.
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from pellucid.errors import ConfigError, PellucidError
+from pellucid.errors import PellucidError
 from pellucid.explain.trace import explain
 from pellucid.infer.sampling import SamplingParams
+from pellucid.serve.schemas import APIError, bad, get_float, get_int, parse_body
 
 STATIC = Path(__file__).parent / "static"
 # The files the pages may load: a fixed allowlist read once, so a request can only name one of
@@ -45,21 +44,21 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 MAX_STEPS = 32  # generated steps one /v1/explain request may ask for (each is a decode step)
+FIELDS = ("prompt", "temperature", "top_k", "top_p", "min_p", "seed", "steps")
 
 router = APIRouter()
 
 
 def _file(name: str) -> Response:
     if name not in FILES:
-        return _error(404, f"no such file: {name[:64]!r}", "name", "invalid_request_error")
+        return _error(APIError(404, f"no such file: {name[:64]!r}", type="not_found_error"))
     headers = SECURITY_HEADERS | {"Cache-Control": "no-cache"}
     return FileResponse(STATIC / name, media_type=FILES[name], headers=headers)
 
 
-def _error(status: int, message: str, param: str | None, kind: str) -> JSONResponse:
-    """An error in OpenAI's shape, with the page headers."""
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=SECURITY_HEADERS)
+def _error(e: APIError) -> JSONResponse:
+    """An error in OpenAI's shape (schemas.APIError), with the page headers."""
+    return JSONResponse(e.body(), status_code=e.status, headers=SECURITY_HEADERS | e.headers)
 
 
 @router.get("/", include_in_schema=False)
@@ -77,35 +76,32 @@ def static_file(name: str) -> Response:
     return _file(name)
 
 
-def explain_params(body: Any) -> tuple[str, SamplingParams, int]:
-    """A /v1/explain body -> (prompt, sampling params, steps), or PellucidError naming the field.
+def explain_params(body: dict[str, Any]) -> tuple[str, SamplingParams, int]:
+    """A /v1/explain body -> (prompt, sampling params, steps); APIError 400 naming the field.
 
-    Checked by hand rather than by a pydantic model so that "0.5" is not silently a float and the
-    message names the field the way the rest of the API's 400s do.
+    The fields are checked with the API's own validators (schemas.get_int / get_float) and then by
+    SamplingParams itself, so the rules are the ones /v1/chat/completions applies.
     """
-    if not isinstance(body, dict):
-        raise ConfigError("the body must be a JSON object")
-    known = {"prompt", "temperature", "top_k", "top_p", "min_p", "seed", "steps"}
-    unknown = sorted(set(body) - known)
+    unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise ConfigError(f"unknown field '{unknown[0]}' (known: {', '.join(sorted(known))})")
-    prompt, steps = body.get("prompt"), body.get("steps", 0)
+        raise bad(f"unknown field '{unknown[0]}' (known: {', '.join(FIELDS)})", unknown[0])
+    prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
-        raise ConfigError("prompt must be a non-empty string")
-    if not (isinstance(steps, int) and not isinstance(steps, bool) and 0 <= steps <= MAX_STEPS):
-        raise ConfigError(f"steps must be an integer in [0, {MAX_STEPS}], got {steps!r}")
-    temperature = body.get("temperature", 0.0)
-    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        temperature = float(temperature)  # SamplingParams checks the range
-    if isinstance(temperature, float) and math.isinf(temperature):
-        raise ConfigError("temperature must be finite")
-    fields = {k: body.get(k) for k in ("top_k", "top_p", "min_p", "seed")}
-    return prompt, SamplingParams(temperature=temperature, **fields), steps
+        raise bad("'prompt' must be a non-empty string", "prompt")
+    steps = get_int(body, "steps", 0, MAX_STEPS, 0)
+    params = SamplingParams(
+        temperature=get_float(body, "temperature", 0.0, 100.0, 0.0),
+        top_k=get_int(body, "top_k", 1, 1 << 30, None),
+        top_p=get_float(body, "top_p", 0.0, 1.0, None),
+        min_p=get_float(body, "min_p", 0.0, 1.0, None),
+        seed=get_int(body, "seed", 0, 2**62 - 1, None),
+    )
+    return prompt, params, steps
 
 
 def _param_of(message: str) -> str | None:
     """The field a validation message names (for OpenAI's `param`), if any."""
-    for name in ("prompt", "temperature", "top_k", "top_p", "min_p", "seed", "steps"):
+    for name in FIELDS:
         if name in message:
             return name
     return None
@@ -114,20 +110,16 @@ def _param_of(message: str) -> str | None:
 @router.post("/v1/explain")
 async def explain_route(request: Request) -> Response:
     """The explain data (docs/explain.md) for the next token after `prompt`."""
-    try:
-        body = json.loads(await request.body() or b"null")
-    except (ValueError, UnicodeDecodeError):
-        return _error(400, "the body is not valid JSON", None, "invalid_request_error")
     state = request.app.state
     try:
-        prompt, params, steps = explain_params(body)
+        prompt, params, steps = explain_params(parse_body(await request.body()))
         model, tokenizer = state.loaded.model, state.loaded.tokenizer
-        if tokenizer is None:
-            raise PellucidError(f"model '{state.model_name}' has no tokenizer")
         data = await state.scheduler.run_exclusive(
             lambda: explain(model, tokenizer, prompt, params, steps=steps)
         )
-    except PellucidError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return _error(400, msg, _param_of(msg), "invalid_request_error")
+    except APIError as e:
+        return _error(e)
+    except PellucidError as e:  # SamplingParams' checks, or a prompt over explain's limit
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return _error(bad(message, _param_of(message)))
     return JSONResponse(data, headers=SECURITY_HEADERS)

@@ -12,14 +12,14 @@ let chatNumber = 0;  // "New chat" bumps it, so a reply still finishing cannot j
 // --- streaming -----------------------------------------------------------------------------
 
 // Read server-sent events from a fetch Response and call onData with each parsed JSON chunk,
-// until `data: [DONE]`.
+// until `data: [DONE]`. A stream that ends without it was cut off: that is an error, not a reply.
 async function readEvents(res, onData) {
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
   let buffer = '';
   for (;;) {
     const {value, done} = await reader.read();
-    if (done) return;
+    if (done) throw new Error('the reply broke off: the server closed the stream before it ended');
     buffer += decoder.decode(value, {stream: true}).replace(/\r\n/g, '\n');
     let end;
     while ((end = buffer.indexOf('\n\n')) >= 0) {
@@ -47,6 +47,7 @@ function newMessage(role, label) {
   const body = el('div', {className: 'body'});
   const msg = el('div', {className: 'msg ' + role}, el('div', {className: 'role', textContent: label}), body);
   $('messages').append(msg);
+  $('messages').scrollTop = $('messages').scrollHeight;
   return {msg, body};
 }
 
@@ -66,12 +67,16 @@ function addPiece(reply, text, entries) {
   }
   reply.pending = [];
   const span = el('span', {className: 'tok', textContent: text});
+  if (text.includes('\n')) span.classList.add('nl');  // CSS draws a ↵ there, to hover over
   if (entries.length) {
     tokenData.set(span, entries);
     span.classList.add(shade(Math.exp(entries[0].logprob)));
   }
+  const list = $('messages');
+  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 60;
   reply.body.append(span);
   reply.text += text;
+  if (atBottom) list.scrollTop = list.scrollHeight;  // follow the reply unless the reader scrolled up
 }
 
 function onChunk(reply, chunk) {
@@ -98,7 +103,7 @@ function finishReply(reply, note) {
   if (n) {
     const mean = reply.logprobs.reduce((s, e) => s + Math.exp(e.logprob), 0) / n;
     const seconds = (performance.now() - reply.started) / 1000;
-    parts.push(`${n} tokens`, `average probability ${pct(mean)}`, `${(n / seconds).toFixed(1)} tokens/s`);
+    parts.push(n === 1 ? '1 token' : `${n} tokens`, `average probability ${pct(mean)}`, `${(n / seconds).toFixed(1)} tokens/s`);
   }
   if (reply.finish === 'length') parts.push('stopped at max tokens');
   if (note) parts.push(note);
