@@ -389,3 +389,13 @@ def test_engine_error_mid_stream_sends_an_error_event_then_done(caplog):
         # a failure before the first token is an HTTP 500 in OpenAI's shape
         engine.fail_at_step = engine.steps
         assert assert_openai_error(chat(client, max_tokens=3), 500)["type"] == "server_error"
+
+
+def test_after_the_worker_stops_health_says_so_and_requests_get_503():
+    app, _ = make_app(tiny_loaded())
+    with TestClient(app, base_url="http://localhost") as client:
+        assert client.get("/health").status_code == 200
+        app.state.scheduler.close()
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["status"].startswith("unavailable")
+        assert assert_openai_error(chat(client, max_tokens=2), 503)["type"] == "server_error"

@@ -298,7 +298,7 @@ def parse_chat(body: Mapping, limits: Limits, stop_ids: list[int]) -> GenRequest
         max_tokens = get_int(body, "max_tokens", 1, 2**62, None)
     want = get_bool(body, "logprobs", False)
     top = get_int(body, "top_logprobs", 0, limits.max_logprobs, None)
-    if top is not None and not want:
+    if top and not want:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return GenRequest(
         kind="chat",
