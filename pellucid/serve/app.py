@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
+from pellucid.errors import PellucidError
 from pellucid.infer.conversation import stop_token_ids
 from pellucid.infer.engine import Engine
 from pellucid.serve.guards import LOOPBACK_HOSTS, Guard, HostGuard, check_cors, cors_kwargs, safe
@@ -171,14 +172,16 @@ def create_app(
         return api.model_card()
 
     @app.get("/health")
-    async def health() -> dict:
-        return {
-            "status": "ok",
+    async def health() -> Response:
+        alive = scheduler.alive
+        body = {
+            "status": "ok" if alive else "unavailable: the engine worker has stopped",
             "model": model_name,
             "sequences_active": scheduler.sequences_active,
             "requests_active": scheduler.metrics.requests_active,
             "queue_length": scheduler.queue_length,
         }
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def metrics() -> dict:
@@ -283,7 +286,10 @@ class _API:
         else:
             req = parse_completion(body, self.limits, self.stop_ids, self.vocab_size)
         self.check_model(req.model)
-        seqs, prompt_tokens = await asyncio.to_thread(self.sequences, req)
+        try:
+            seqs, prompt_tokens = await asyncio.to_thread(self.sequences, req)
+        except PellucidError as e:  # the tokenizer's or template's own one-line errors
+            raise bad(" ".join(str(e).split())) from None
         ticket = self.scheduler.submit(seqs)
         fmt = Formatter(
             kind,

@@ -147,6 +147,11 @@ class Scheduler:
     def sequences_active(self) -> int:
         return self.engine.n_live
 
+    @property
+    def alive(self) -> bool:
+        """False once the worker thread has stopped (closed, or died of a bug): nothing runs."""
+        return not self._closing and (self._thread is None or self._thread.is_alive())
+
     def start(self) -> None:
         """Start the worker thread (idempotent; `submit` starts it too)."""
         with self._cond:

@@ -213,6 +213,7 @@ def _common(body: Mapping, limits: Limits) -> dict[str, Any]:
         raise bad("'stream_options' is only allowed with stream=true", "stream_options")
     return {
         "model": model,
+        "ignore_eos": get_bool(body, "ignore_eos", False),  # vLLM's extension, for benchmarks
         "n": n,
         "stream": stream,
         "include_usage": get_bool(stream_options or {}, "include_usage", False),
@@ -237,7 +238,7 @@ def _params(
             max_new_tokens=max_tokens or 1,  # fitted to each prompt by `fit_max_tokens`
             seed=c["seed"],
             stop=c["stop"],
-            stop_token_ids=stop_ids,
+            stop_token_ids=[] if c["ignore_eos"] else stop_ids,
             top_logprobs=top,
         )
     except PellucidError as e:  # a combination the sampler refuses (the checks above catch most)
@@ -297,7 +298,7 @@ def parse_chat(body: Mapping, limits: Limits, stop_ids: list[int]) -> GenRequest
         max_tokens = get_int(body, "max_tokens", 1, 2**62, None)
     want = get_bool(body, "logprobs", False)
     top = get_int(body, "top_logprobs", 0, limits.max_logprobs, None)
-    if top is not None and not want:
+    if top and not want:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return GenRequest(
         kind="chat",

@@ -1,0 +1,371 @@
+"""Load on `pellucid serve`: N concurrent streaming clients x 64 tokens, with random disconnects.
+
+    python bench/serve_load.py                         # SmolLM2, --quant auto, 1, 8, 32 clients
+    python bench/serve_load.py --clients 1,8 --requests 2 --quant fp32
+    python bench/serve_load.py --json-out load.json --markdown
+
+Starts `pellucid serve` on a free loopback port, warms it up, then for each N runs N clients at
+once, each sending --requests streaming chat requests one after another (64 tokens, greedy,
+`ignore_eos` so every request runs its full length). A request disconnects after a random number
+of tokens with probability --disconnect. Per level it reports HTTP 5xx and error events, p50/p99
+time to first token (TTFT) and inter-token latency (ITL), aggregate tokens/s (tokens received
+by all clients / wall time), whether /health shows no active sequence within 2 s afterwards, and
+the server's peak RSS (VmHWM). Then `pellucid generate` in the same --quant mode, for the
+single-client ratio. llama.cpp's server runs the same load only if `llama_cpp` is importable.
+
+Goals (issue 11): 8 clients >= 3x the aggregate tokens/s of one client; one client >= 90% of
+`pellucid generate`'s decode tokens/s; zero 5xx and active sequences back to 0 after the
+32-client run with disconnects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a bicycle stays upright.",
+    "List some facts about the ocean.",
+    "Describe a day in the life of a baker.",
+    "What makes a good friend?",
+    "Tell me about the history of the printing press.",
+    "How do plants make food from sunlight?",
+    "Give advice to someone learning to cook.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_pellucid(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pellucid",
+        "serve",
+        "--port",
+        "0",
+        "--quant",
+        args.quant,
+        "--max-batch",
+        str(args.max_batch),
+        "--max-queue",
+        "256",
+    ]
+    if args.model:
+        cmd += ["--model", args.model]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    port = None
+    for line in proc.stderr:
+        m = re.search(r"on http://127\.0\.0\.1:(\d+) ", line)
+        if m:
+            port = int(m.group(1))
+            break
+    if port is None:
+        raise SystemExit(f"pellucid serve did not start (exit {proc.wait()})")
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+    return proc, wait_up(f"http://127.0.0.1:{port}", "/health")
+
+
+def wait_up(url: str, path: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + path, timeout=5).status_code == 200:
+                return url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} did not come up")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def one_request(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, tokens: int, cut: int | None
+) -> dict:
+    """Stream one chat request; cut: disconnect after this many content chunks (None: never)."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    out = {"status": None, "error": False, "cut": cut is not None, "times": [], "usage": None}
+    start = time.perf_counter()
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        out["status"] = r.status_code
+        if r.status_code != 200:
+            await r.aread()
+            return out
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                out["error"] = True
+                break
+            if event.get("usage"):
+                out["usage"] = event["usage"]["completion_tokens"]
+            if any(c.get("delta", {}).get("content") for c in event.get("choices", [])):
+                out["times"].append(time.perf_counter() - start)
+                if cut is not None and len(out["times"]) >= cut:
+                    break  # leaving the block closes the connection mid-stream
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
+
+
+async def run_level(
+    url: str, model: str, n: int, args: argparse.Namespace, rng: random.Random
+) -> dict:
+    plans = [
+        [
+            (
+                PROMPTS[(c + k) % len(PROMPTS)],
+                rng.randint(1, args.tokens - 8) if rng.random() < args.disconnect else None,
+            )
+            for k in range(args.requests)
+        ]
+        for c in range(n)
+    ]
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def user(plan: list) -> list[dict]:
+            return [await one_request(client, url, model, p, args.tokens, cut) for p, cut in plan]
+
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(user(p) for p in plans)) for r in rs]
+        wall = time.perf_counter() - start
+    ttft = [r["times"][0] for r in results if r["times"]]
+    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:], strict=False)]
+    tokens = sum(r["usage"] or len(r["times"]) for r in results)
+    decode = [
+        (len(r["times"]) - 1) / (r["times"][-1] - r["times"][0])
+        for r in results
+        if not r["cut"] and len(r["times"]) > 1
+    ]
+    return {
+        "clients": n,
+        "requests": len(results),
+        "disconnected": sum(r["cut"] for r in results),
+        "status_5xx": sum(1 for r in results if r["status"] and r["status"] >= 500),
+        "status_other": sum(1 for r in results if r["status"] not in (200,) and r["status"] < 500),
+        "error_events": sum(r["error"] for r in results),
+        "ttft_p50_ms": 1000 * pct(ttft, 50),
+        "ttft_p99_ms": 1000 * pct(ttft, 99),
+        "itl_p50_ms": 1000 * pct(itl, 50),
+        "itl_p99_ms": 1000 * pct(itl, 99),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "per_request_decode_tokens_per_s": statistics.median(decode) if decode else float("nan"),
+    }
+
+
+def back_to_idle(url: str, timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = httpx.get(url + "/health", timeout=5).json()
+        if h.get("sequences_active", 0) == 0 and h.get("queue_length", 0) == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def generate_tokens_per_s(args: argparse.Namespace) -> float:
+    """`pellucid generate --json` decode tokens/s, same mode and length (best of 2 runs)."""
+    best = 0.0
+    for _ in range(2):
+        cmd = [
+            sys.executable,
+            "-m",
+            "pellucid",
+            "generate",
+            PROMPTS[0],
+            "--chat",
+            "--json",
+            "--max-new-tokens",
+            str(args.tokens),
+            "--temperature",
+            "0",
+            "--quant",
+            args.quant,
+        ]
+        if args.model:
+            cmd += ["--model", args.model]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        best = max(best, json.loads(out)["timing"]["decode_tokens_per_s"])
+    return best
+
+
+def run_all(url: str, model: str, args: argparse.Namespace, pid: int | None) -> list[dict]:
+    rng = random.Random(args.seed)
+    # Warm-up, alone and batched: the first forwards of each shape are slower (allocations, the
+    # kernels' first calls); they are not what a running server costs.
+    warm = argparse.Namespace(**{**vars(args), "requests": 1, "disconnect": 0, "tokens": 16})
+    for n in (1, 4):
+        asyncio.run(run_level(url, model, n, warm, rng))
+    levels = []
+    for n in args.clients:
+        level = asyncio.run(run_level(url, model, n, args, rng))
+        level["idle_after"] = back_to_idle(url)
+        level["peak_rss_mb"] = peak_rss_mb(pid) if pid else float("nan")
+        levels.append(level)
+        print(json.dumps(level), flush=True)
+    return levels
+
+
+def llama_cpp_levels(args: argparse.Namespace) -> list[dict] | str:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "skipped: llama_cpp (llama-cpp-python[server]) is not installed"
+    from pellucid.weights.gguf import smollm2_gguf_path
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(smollm2_gguf_path()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = wait_up(f"http://127.0.0.1:{port}", "/v1/models")
+        return run_all(url, "smollm2", args, proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def markdown(
+    levels: list[dict], gen_tps: float, llama: list[dict] | str, args: argparse.Namespace
+) -> str:
+    cpu = subprocess.run(
+        "lscpu | grep 'Model name'", shell=True, capture_output=True, text=True
+    ).stdout.strip()
+    by_n = {lv["clients"]: lv for lv in levels}
+    rows = [
+        "| clients | requests (cut) | 5xx | TTFT p50 / p99 ms | ITL p50 / p99 ms | tokens/s | idle after | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for lv in levels:
+        rows.append(
+            f"| {lv['clients']} | {lv['requests']} ({lv['disconnected']}) | {lv['status_5xx']} | "
+            f"{lv['ttft_p50_ms']:.0f} / {lv['ttft_p99_ms']:.0f} | {lv['itl_p50_ms']:.1f} / {lv['itl_p99_ms']:.1f} | "
+            f"{lv['tokens_per_s']:.1f} | {'yes' if lv['idle_after'] else 'NO'} | {lv['peak_rss_mb']:.0f} |"
+        )
+    lines = [f"Machine: {cpu}; load average at start {args.load_at_start}.", "", *rows, ""]
+    if 1 in by_n and 8 in by_n:
+        ratio = by_n[8]["tokens_per_s"] / by_n[1]["tokens_per_s"]
+        lines.append(
+            f"- 8 clients vs 1: {ratio:.2f}x aggregate tokens/s (goal >= 3x: {'met' if ratio >= 3 else 'not met'})"
+        )
+    if 1 in by_n and gen_tps:
+        one = by_n[1]["per_request_decode_tokens_per_s"]
+        r = one / gen_tps
+        lines.append(
+            f"- one client {one:.1f} tokens/s vs `pellucid generate` {gen_tps:.1f} (decode, same --quant {args.quant}): {r:.0%} (goal >= 90%: {'met' if r >= 0.9 else 'not met'})"
+        )
+    last = levels[-1]
+    ok = last["status_5xx"] == 0 and last["error_events"] == 0 and last["idle_after"]
+    lines.append(
+        f"- {last['clients']} clients with disconnects: {last['status_5xx']} 5xx, {last['error_events']} error events, active back to 0: {'yes' if last['idle_after'] else 'no'} (goal: {'met' if ok else 'not met'})"
+    )
+    lines.append(f"- llama.cpp server: {llama if isinstance(llama, str) else 'see JSON'}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="model spec (default: pellucid's SmolLM2)")
+    ap.add_argument("--quant", default="auto", choices=["auto", "fp32", "q8", "q4"])
+    ap.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
+    ap.add_argument(
+        "--requests", type=int, default=3, help="requests per client, one after another"
+    )
+    ap.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
+    ap.add_argument("--disconnect", type=float, default=0.1, help="fraction of requests cut short")
+    ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--url", help="an already running server (skips starting one; no RSS)")
+    ap.add_argument("--json-out", help="write every figure as JSON here")
+    ap.add_argument("--markdown", action="store_true", help="print a bench/RESULTS.md section")
+    args = ap.parse_args()
+    args.clients = [int(x) for x in args.clients.split(",")]
+    args.load_at_start = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    proc = None
+    if args.url:
+        url, pid = args.url, None
+    else:
+        proc, url = start_pellucid(args)
+        pid = proc.pid
+    try:
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        levels = run_all(url, model, args, pid)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    gen_tps = generate_tokens_per_s(args) if 1 in args.clients else 0.0
+    print(f"pellucid generate: {gen_tps:.1f} decode tokens/s", flush=True)
+    llama = llama_cpp_levels(args)
+    if isinstance(llama, str):
+        print(f"llama.cpp server: {llama}", flush=True)
+    result = {
+        "levels": levels,
+        "generate_tokens_per_s": gen_tps,
+        "llama_cpp": llama,
+        "args": dict(vars(args).items()),
+    }
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.markdown:
+        print(markdown(levels, gen_tps, llama, args))
+
+
+if __name__ == "__main__":
+    main()
