@@ -438,6 +438,14 @@ def test_explain_page_keeps_the_newest_answer_when_an_older_one_arrives_late(pag
     assert "Temperature 0.9" in page.inner_text("#stages")
 
 
+def test_explain_page_shows_the_servers_error_in_words(page, live):
+    page.goto(live.url + "/explain?prompt=" + "the%20cat%20" * 80)
+    page.wait_for_selector("#status.error")
+    assert "up to 128 tokens" in page.inner_text("#status")
+    assert page.is_hidden("#result") and page.is_enabled("#run")
+    page.errors.clear()  # Chromium logs the 400 response itself
+
+
 def test_screenshots_for_a_person(page, live, tmp_path):
     """Not an assert on looks: writes the two pages as PNGs (for a person to judge) when
     PELLUCID_SCREENSHOTS names a folder."""
