@@ -9,7 +9,7 @@ from pellucid.cli.common import emit_json
 
 
 def add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="fetch and inspect corpora")
+    p = sub.add_parser("data", help="fetch, inspect and prepare (tokenize to shards) corpora")
     verbs = p.add_subparsers(dest="data_cmd", required=True)
     f = verbs.add_parser("fetch", help="download a named corpus into the cache")
     f.add_argument("name", help="corpus name, e.g. shakespeare")
