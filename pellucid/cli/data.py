@@ -9,7 +9,9 @@ from pellucid.cli.common import emit_json
 
 
 def add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="fetch and inspect corpora and datasets; generate tasks")
+    p = sub.add_parser(
+        "data", help="fetch and inspect corpora and datasets; generate tasks; prepare shards"
+    )
     verbs = p.add_subparsers(dest="data_cmd", required=True)
     f = verbs.add_parser("fetch", help="download a named corpus or dataset into the cache")
     f.add_argument("name", help="corpus (shakespeare) or dataset (spam, python-faq, ...) name")

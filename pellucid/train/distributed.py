@@ -189,6 +189,14 @@ def gradient_sync(wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
+def is_comm_error(e: BaseException) -> bool:
+    """Whether a collective failed because a peer is gone or the timeout passed. gloo raises a
+    plain RuntimeError ("Connection reset by peer"), NCCL and the timeout a DistError."""
+    text = str(e).lower()
+    markers = ("gloo", "nccl", "connection", "timed out", "timeout", "peer")
+    return isinstance(e, dist.DistError) or any(m in text for m in markers)
+
+
 def all_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum each number over all ranks (one collective; identity in one process)."""
     if not dist.is_initialized():

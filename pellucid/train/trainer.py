@@ -347,6 +347,14 @@ def train(
                 # Not while a non-finite streak runs: resuming there would walk into it again.
                 if (last or _due(state.step, cfg.checkpoint_every)) and not state.nonfinite_streak:
                     save()
+    except RuntimeError as e:  # a rank died or hung: say so in one line, not a gloo traceback
+        if not (world.size > 1 and dist.is_comm_error(e)):
+            raise
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TrainingError(
+            f"rank {world.rank}: lost contact with the other ranks during step {state.step + 1} "
+            f"({why}); the job stops; last complete checkpoint: {state.checkpoint or 'none'}"
+        ) from None
     finally:
         metrics.close()
     return state
