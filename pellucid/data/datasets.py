@@ -22,6 +22,7 @@ sha256, builder version, rows, label counts); a JSONL file without a matching ma
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import re
@@ -53,7 +54,7 @@ from pellucid.files import (
 
 log = logging.getLogger("pellucid")
 
-BUILDER_VERSION = 2  # bump when a builder's output changes, so cached files are rebuilt
+BUILDER_VERSION = 4  # bump when a builder's output changes, so cached files are rebuilt
 
 PYTHON_DOC = DebArtifact(
     "python3.11-doc",
@@ -304,10 +305,18 @@ def build(name: str) -> dict:
     source = _fetch(ds)
     data, manifest_path = _paths(name)
     log.info("building dataset %s into %s ...", name, data)
-    rows, labels = 0, Counter()
+    rows, labels, seen, duplicates = 0, Counter(), set(), 0
     with atomic_open(data, "w") as f:
         for row in ds.build(source):
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            # A repeated input (the same email in two folders, a conversation shared twice) would
+            # sit on both sides of a train/validation split: the first copy is kept, and counted.
+            line = json.dumps(row, ensure_ascii=False)
+            digest = hashlib.sha256(row.get("text", line).encode()).digest()
+            if digest in seen:
+                duplicates += 1
+                continue
+            seen.add(digest)
+            f.write(line + "\n")
             rows += 1
             if "label" in row:
                 labels[row["label"]] += 1
@@ -321,10 +330,17 @@ def build(name: str) -> dict:
         "shape": ds.shape,
         "rows": rows,
         "labels": dict(sorted(labels.items())),
+        "duplicates_dropped": duplicates,
         "bytes": data.stat().st_size,
     }
     atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
-    log.info("%s: %d rows, %.2f MB", name, rows, manifest["bytes"] / 1e6)
+    log.info(
+        "%s: %d rows (%d duplicates left out), %.2f MB",
+        name,
+        rows,
+        duplicates,
+        manifest["bytes"] / 1e6,
+    )
     return manifest
 
 
