@@ -9,22 +9,58 @@ from pellucid.cli.common import emit_json
 
 
 def add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="fetch and inspect corpora")
+    p = sub.add_parser("data", help="fetch and inspect corpora and datasets; generate tasks")
     verbs = p.add_subparsers(dest="data_cmd", required=True)
-    f = verbs.add_parser("fetch", help="download a named corpus into the cache")
-    f.add_argument("name", help="corpus name, e.g. shakespeare")
-    i = verbs.add_parser("info", help="show what a corpus spec resolves to")
-    i.add_argument("corpus", help="a corpus name, file, folder or glob")
+    f = verbs.add_parser("fetch", help="download a named corpus or dataset into the cache")
+    f.add_argument("name", help="corpus (shakespeare) or dataset (spam, python-faq, ...) name")
+    i = verbs.add_parser("info", help="show what a corpus spec or dataset name resolves to")
+    i.add_argument("corpus", help="a dataset name, or a corpus name, file, folder or glob")
+    t = verbs.add_parser("tasks", help="generate tasks with computed answers, as JSONL")
+    t.add_argument(
+        "name", help="task family: format, units, sort, json, arith, count, reverse, mix"
+    )
+    t.add_argument("--n", type=int, required=True, help="number of tasks (distinct prompts)")
+    t.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    t.add_argument("--out", required=True, help="the JSONL file to write")
     p.set_defaults(handler=cmd_data)
 
 
-def cmd_data(args: argparse.Namespace) -> int:
-    from pellucid.data import sources
+def _describe_dataset(name: str) -> None:
+    from pellucid.data import datasets
 
-    if args.data_cmd == "fetch":
+    ds = datasets.DATASETS[name]
+    path = datasets.resolve_dataset(name)
+    manifest = datasets.dataset_manifest(name)
+    print(f"{name}: {manifest['rows']:,} rows, {ds.shape} shape; {ds.about}")
+    print(f"  source: {manifest['source']}; licence: {ds.licence}")
+    for label, count in manifest["labels"].items():
+        print(f"  {label}: {count:,}")
+    print(f"  file: {path}")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from pellucid.data import datasets, sources
+
+    if args.data_cmd == "tasks":
+        import json
+
+        from pellucid.data.tasks import make_tasks
+        from pellucid.files import atomic_open
+
+        rows = make_tasks(args.name, args.n, args.seed)
+        with atomic_open(args.out, "w") as out:
+            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        print(f"{args.out}: {len(rows)} {args.name} tasks (seed {args.seed})")
+    elif args.data_cmd == "fetch" and args.name in datasets.DATASETS:
+        path = datasets.resolve_dataset(args.name)
+        print(f"{args.name}: {datasets.dataset_manifest(args.name)['rows']:,} rows at {path}")
+    elif args.data_cmd == "fetch":
         path = sources.fetch(args.name)
         print(f"{args.name}: cached at {path}")
+    elif args.corpus in datasets.DATASETS:
+        _describe_dataset(args.corpus)
     else:
+        datasets.resolve_dataset(args.corpus)  # a near-miss of a dataset name: say which one
         docs = sources.load_corpus(args.corpus)
         n_chars = sum(len(d.text) for d in docs)
         print(f"{args.corpus}: {len(docs)} documents, {n_chars:,} characters")

@@ -340,8 +340,6 @@ def dataset_manifest(name: str) -> dict:
         raise DataError(
             f"unknown dataset {name!r}{_suggest(name)}; datasets: {', '.join(DATASETS)}"
         )
-    if ds.demo_only:
-        log.warning(SHAREGPT_WARNING)
     return _cached_manifest(ds) or build(name)
 
 
@@ -352,6 +350,8 @@ def resolve_dataset(spec: str) -> Path:
     to a dataset name is an error with a suggestion, not a "no such file" later.
     """
     if spec in DATASETS:
+        if DATASETS[spec].demo_only:  # said on every use, not only when it is built
+            log.warning(SHAREGPT_WARNING)
         dataset_manifest(spec)
         return _paths(spec)[0]
     path = Path(spec)

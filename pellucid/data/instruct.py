@@ -23,37 +23,10 @@ from collections.abc import Iterator
 
 _UNDERLINE = re.compile(r"([=\-~^\"'`#*+.:_])\1{2,}\s*")
 _QUESTION_WORDS = frozenset(
-    [
-        "how",
-        "why",
-        "what",
-        "when",
-        "where",
-        "which",
-        "who",
-        "whom",
-        "whose",
-        "is",
-        "are",
-        "am",
-        "can",
-        "could",
-        "do",
-        "does",
-        "did",
-        "should",
-        "will",
-        "would",
-        "has",
-        "have",
-        "was",
-        "were",
-    ]
+    "how why what when where which who whom whose is are am can could do does did should will "
+    "would has have was were".split()
 )
 _CODE_DIRECTIVES = frozenset({"code-block", "code", "sourcecode", "doctest", "testcode"})
-_SKIP_DIRECTIVES = frozenset(
-    {"index", "testsetup", "testcleanup", "contents", "toctree", "highlight"}
-)
 _ADMONITIONS = {"note": "Note", "seealso": "See also", "warning": "Warning", "tip": "Tip"}
 _DIRECTIVE = re.compile(r"\.\.\s+([\w:-]+)::\s*(.*)")
 _DOCTEST_FLAG = re.compile(r"\s*# doctest:.*$")
@@ -312,87 +285,13 @@ def docstring_pairs(module: str, source: str) -> list[tuple[str, str]]:
 # --- ShareGPT -------------------------------------------------------------------------------------
 
 _EN_WORDS = frozenset(
-    [
-        "the",
-        "a",
-        "an",
-        "and",
-        "or",
-        "to",
-        "of",
-        "in",
-        "is",
-        "are",
-        "was",
-        "be",
-        "it",
-        "that",
-        "this",
-        "for",
-        "on",
-        "with",
-        "as",
-        "you",
-        "i",
-        "we",
-        "they",
-        "not",
-        "can",
-        "what",
-        "how",
-    ]
+    "the a an and or to of in is are was be it that this for on with as you i we they not can "
+    "what how".split()
 )
 _NON_EN_WORDS = frozenset(
-    [
-        "le",
-        "la",
-        "les",
-        "des",
-        "est",
-        "une",
-        "je",
-        "et",
-        "pour",
-        "que",
-        "dans",
-        "pas",
-        "qui",
-        "sur",
-        "avec",
-        "el",
-        "los",
-        "las",
-        "es",
-        "una",
-        "por",
-        "con",
-        "para",
-        "del",
-        "lo",
-        "se",
-        "der",
-        "die",
-        "das",
-        "und",
-        "ist",
-        "nicht",
-        "ich",
-        "ein",
-        "eine",
-        "mit",
-        "zu",
-        "den",
-        "von",
-        "auf",
-        "não",
-        "você",
-        "com",
-        "het",
-        "een",
-        "van",
-        "dat",
-        "niet",
-    ]
+    "le la les des est une je et pour que dans pas qui sur avec el los las es una por con para "
+    "del lo se der die das und ist nicht ich ein eine mit zu den von auf não você com het een "
+    "van dat niet".split()
 )
 
 

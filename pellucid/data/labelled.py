@@ -41,27 +41,7 @@ BROWN_GENRES = {
 SOTU_PARTIES = ("Democratic", "Republican")  # the two parties with enough speeches (90 and 92)
 
 _BLOCK_TAGS = frozenset(
-    [
-        "br",
-        "p",
-        "div",
-        "tr",
-        "li",
-        "ul",
-        "ol",
-        "table",
-        "h1",
-        "h2",
-        "h3",
-        "h4",
-        "h5",
-        "h6",
-        "blockquote",
-        "pre",
-        "hr",
-        "title",
-        "center",
-    ]
+    "br p div tr li ul ol table h1 h2 h3 h4 h5 h6 blockquote pre hr title center".split()
 )
 # A sentence ends at . ! or ? (and any closing quotes or brackets) before a capital or digit.
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]\u201d\u2019]*\s+(?=[\"'(\[\u201c\u2018]*[A-Z0-9])")
@@ -152,7 +132,8 @@ def email_text(raw: bytes) -> str:
         (plain if kind.group(1) == "plain" else html).append(_part_text(part))
     text = tidy("\n\n".join(plain)) if any(p.strip() for p in plain) else ""
     text = text or html_to_text("\n".join(html))
-    if not text and not plain and not html:  # no text part found: a MIME structure that failed
+    if not text and message.get_content_maintype() == "multipart" and not message.is_multipart():
+        # A multipart type whose parts did not parse (a bad boundary): read the body as it is.
         body = re.split(rb"\r?\n\r?\n", raw, maxsplit=1)[-1]
         text = html_to_text(body.decode("latin-1"))
     return clip(text)
@@ -204,7 +185,7 @@ def brown_sentences(text: str) -> list[str]:
     """
     sentences = []
     for line in text.splitlines():
-        words = [tok.rsplit("/", 1)[0] for tok in line.split()]
+        words = [w for tok in line.split() if (w := tok.rsplit("/", 1)[0])]
         if words:
             sentences.append(_detokenize(words))
     return sentences
