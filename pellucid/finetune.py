@@ -48,7 +48,7 @@ from pellucid.model.lora import DEFAULT_TARGETS
 from pellucid.recipes import config_hash, default_run_dir, run_mfu
 from pellucid.train.evaluate import class_metrics, exact_match, lm_metrics
 from pellucid.train.metrics import PLOT_FILE, plot_curves, read_metrics
-from pellucid.train.objectives import class_loss, lm_loss
+from pellucid.train.objectives import class_loss, sft_loss
 from pellucid.train.trainer import TrainConfig, TrainState, seed_everything, train
 from pellucid.weights import adapter
 from pellucid.weights.checkpoint import read_json
@@ -189,7 +189,7 @@ def _prepare(run: FinetuneRun) -> _Prepared:
         enc = encode_lm(train_rows, template, tok, max_len, ft.truncate)
         val = encode_lm(val_rows, template, tok, max_len, ft.truncate) if val_rows else []
         items, collate = (pack_rows(enc, max_len), collate_packed) if ft.pack else (enc, pad_lm)
-        objective = lm_loss
+        objective = sft_loss
         scored = (held.records if held else val_rows)[: ft.eval_max]
         is_task = (held or data).shape == "task"
 

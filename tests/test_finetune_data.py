@@ -220,3 +220,17 @@ def test_classification_rows_encode_with_labels_and_padding(tmp_path):
     assert (right.segments.sum(1) == left.segments.sum(1)).all()
     assert left.segments[1, -1] == 1 and right.segments[1, 0] == 1
     json.dumps(data.labels)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_sft_loss_equals_lm_loss(tmp_path, packed):
+    from pellucid.train.objectives import lm_loss, sft_loss
+
+    torch.manual_seed(0)
+    model = Transformer(CFG).eval()
+    data = read_jsonl(write_jsonl(tmp_path / "d.jsonl", ROWS["chat"] * 3))
+    enc = encode_lm(data.records, ChatTemplate(CHATML), tokenizer(), max_len=CFG.context_len)
+    batch = collate_packed(pack_rows(enc, CFG.context_len)) if packed else pad_lm(enc)
+    a, b = lm_loss(model, batch), sft_loss(model, batch)
+    assert a.n_targets == b.n_targets > 0
+    torch.testing.assert_close(a.loss_sum, b.loss_sum, rtol=1e-5, atol=1e-4)

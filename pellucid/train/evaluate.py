@@ -24,7 +24,7 @@ from pellucid.data.finetune import Encoded, EncodedText, in_order, pad_lm, pad_t
 from pellucid.infer.conversation import stop_token_ids
 from pellucid.infer.engine import Engine
 from pellucid.infer.sampling import SamplingParams
-from pellucid.train.objectives import lm_loss
+from pellucid.train.objectives import sft_loss
 from pellucid.train.trainer import evaluate_objective
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def lm_metrics(model: nn.Module, examples: Sequence[Encoded], batch_size: int = 
     was = model.training
     model.eval()
     try:
-        loss, n_tokens = evaluate_objective(model, lm_loss, in_order(examples, batch_size, pad_lm))
+        loss, n_tokens = evaluate_objective(model, sft_loss, in_order(examples, batch_size, pad_lm))
     finally:
         model.train(was)
     n_bytes = sum(e.n_bytes for e in examples)

@@ -84,3 +84,18 @@ def class_loss(model: nn.Module, batch: Batch) -> LossOutput:
     loss_sum = F.cross_entropy(logits.float(), batch.targets, reduction="sum")
     accuracy = (logits.argmax(-1) == batch.targets).float().mean().item()
     return LossOutput(loss_sum, batch.n_targets, {"accuracy": accuracy})
+
+
+def sft_loss(model: nn.Module, batch: Batch) -> LossOutput:
+    """lm_loss with the output head run only where a target carries loss (the replies).
+
+    Under SFT most positions are prompt or padding; their logits would be computed and thrown
+    away, and the head (vocab x C) is a large share of a small model's FLOPs (21% of
+    SmolLM2-135M's). The model needs `forward_hidden` and `logits` (Transformer has both).
+    Equal to lm_loss up to float rounding. batch: inputs/targets (B, T), optional segments.
+    """
+    hidden = model.forward_hidden(batch.inputs, segments=getattr(batch, "segments", None))
+    keep = batch.targets != IGNORE_INDEX  # (B, T)
+    logits = model.logits(hidden[keep])  # (N, V) for the N loss-carrying positions
+    loss_sum = F.cross_entropy(logits.float(), batch.targets[keep], reduction="sum")
+    return LossOutput(loss_sum, batch.n_targets)
