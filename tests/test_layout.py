@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "pellucid"
-MODULE_CAP, PACKAGE_CAP = 450, 15_000
+MODULE_CAP, PACKAGE_CAP = 450, 20_000
 
 # Lower layers never import higher ones (STYLE.md 4.3).
 LAYERS = {
@@ -20,6 +20,7 @@ LAYERS = {
     "train": 5,
     "explain": 5,
     "history": 5,
+    "align": 5,
     "serve": 6,
     "finetune": 6,
     "recipes": 6,
