@@ -51,8 +51,22 @@ def shards_of(train, val, val_bytes):
 def test_every_test_named_in_the_doc_exists():
     doc = (Path(__file__).parents[1] / "docs" / "history.md").read_text()
     named = set(re.findall(r"`(test_\w+)`", doc))
-    assert len(named) >= 6
-    assert named <= set(globals()), named - set(globals())
+    assert len(named) >= 12
+    here = Path(__file__).parent
+    defined = set(globals()) | {
+        name
+        for f in ("test_eliza.py", "test_math.py")
+        for name in re.findall(r"^def (test_\w+)", (here / f).read_text(), re.M)
+    }
+    assert named <= defined, named - defined
+
+
+def test_uniform_is_eight_bits_per_byte():
+    params = SamplingParams(max_new_tokens=50, seed=3)
+    rung = ladder.uniform(shards_of([0], [0, 1], val_bytes=2), ("a", "b"), params)
+    assert rung.bits_per_byte == 8.0 and rung.size == 256 and rung.kind == "uniform"
+    for _, text in rung.samples:  # random bytes, shown without anything a terminal runs
+        assert text and all(c.isprintable() or c == "\n" for c in text)
 
 
 # --- Shannon ------------------------------------------------------------------------------------

@@ -38,8 +38,11 @@ from pellucid.train.objectives import lm_loss
 from pellucid.train.trainer import TrainConfig, evaluate_objective, train
 
 KINDS = ("uniform", "unigram", "ngram", "vectors", "neural", "transformer")
-PROBES = (" king", " love", " lord", " night", " man", " good", " death", " day", " the")
-ANALOGIES = ((" man", " king", " woman"), (" he", " his", " she"), (" he", " him", " she"))
+PROBES = (" king", " love", " night", " lord", " thou", " man", " good", " day", " the")
+ANALOGIES = (  # a is to b as c is to ?
+    (" man", " king", " woman"), (" he", " his", " she"), (" father", " son", " mother"),
+    (" thou", " thy", " you"),
+)  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -192,8 +195,8 @@ def _single_tokens(tokenizer: Tokenizer, words: tuple[str, ...]) -> dict[str, in
 
 def describe_vectors(vectors: Tensor, tokenizer: Tokenizer, counts: np.ndarray) -> str:
     """Nearest neighbours of a few words, and the analogies their tokens allow, as text."""
-    one = _single_tokens(tokenizer, PROBES)
-    probes = list(one.values())[:5]
+    one = _single_tokens(tokenizer, PROBES + tuple(w for triple in ANALOGIES for w in triple))
+    probes = [one[w] for w in PROBES if w in one][:5]
     if len(probes) < 3:  # a corpus or tokenizer without these words: its most frequent words
         words = [i for i in np.argsort(-counts) if tokenizer.decode([int(i)]).strip().isalpha()]
         probes = [int(i) for i in words[:5]]
