@@ -341,6 +341,8 @@ def ladder(
     """
     run = demo_config(minutes, corpus)
     out = Path(out_dir or default_run_dir("ladder"))
+    if any((out / name).exists() for name in ("ladder.json", "vectors", "neural", "transformer")):
+        raise ConfigError(f"{out} already holds a ladder: give another --out")
     docs = load_corpus(corpus)
     tokenizer = get_tokenizer(run.data, docs)
     shards = build_shards(docs, tokenizer, run.data.val_fraction)

@@ -84,6 +84,7 @@ def test_unigram_bits_per_byte_by_hand():
     nats = -(math.log(4 / 6) + math.log(2 / 6)) / 2
     assert rung.bits_per_byte == pytest.approx(nats * 3 / (math.log(2) * 3))
     assert rung.size == 2 and len(rung.samples[0][1]) == 3
+    assert "H = 0.81 bits/token" in rung.name  # -(3/4 log2 3/4 + 1/4 log2 1/4) = 0.811
 
 
 # --- n-grams and Kneser-Ney ----------------------------------------------------------------------

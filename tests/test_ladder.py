@@ -83,3 +83,5 @@ def test_ladder_end_to_end_on_one_split(tmp_path, corpus, capsys):
     assert top["bits_per_byte"] == pytest.approx(rungs[-1].bits_per_byte, rel=1e-4)
     assert top["seconds"] == pytest.approx(rungs[-1].seconds, abs=0.01)
     assert not (again / "transformer").exists()  # nothing trained a second time
+    assert main([*args]) == 2  # that folder now holds a ladder: refused before any work
+    assert "already holds a ladder" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,6 @@ class Rung:
     samples: list[tuple[str, str]]  # (prompt, continuation)
     split: str
     text: str = ""  # what the rung shows instead of samples (the vectors' neighbours)
-    extra: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """The rung as `ladder.json` stores it."""
@@ -138,17 +137,10 @@ def unigram(
     seconds = time.perf_counter() - t0
     logits = torch.from_numpy(logp)
     samples = [(p, continue_text(lambda ids: logits, tokenizer, p, params)) for p in prompts]
-    rung = Rung(
-        "unigram (Shannon)",
-        "unigram",
-        _bpb(shards, logp[np.asarray(shards.val[1:], np.int64)]),
-        seconds,
-        V,
-        samples,
-        shards.meta["key"],
-    )
-    rung.extra["entropy_bits_per_token"] = entropy_bits(counts)
-    return rung
+    bpb = _bpb(shards, logp[np.asarray(shards.val[1:], np.int64)])
+    # The entropy of the train distribution, for comparison with its cost on validation text.
+    name = f"unigram (Shannon, H = {entropy_bits(counts):.2f} bits/token)"
+    return Rung(name, "unigram", bpb, seconds, V, samples, shards.meta["key"])
 
 
 def entropy_bits(counts: np.ndarray) -> float:
