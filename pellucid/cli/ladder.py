@@ -25,19 +25,24 @@ def add_ladder(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_ladder)
 
 
-def _table(rungs: list) -> object:
+def _table(rungs: list, width: int) -> object:
+    """The ladder as a rich table; a sample column only where the console has room for one."""
     from rich.table import Table
 
     table = Table(title="the ladder: validation bits per byte (lower is better)")
-    for col in ("rung", "kind", "bits/byte", "seconds", "size"):
-        table.add_column(col, justify="left" if col in ("rung", "kind") else "right")
-    table.add_column("sample", no_wrap=True, overflow="ellipsis", max_width=48)
+    table.add_column("rung", min_width=18)
+    for col in ("kind", "bits/byte", "seconds", "size"):
+        table.add_column(col, justify="left" if col == "kind" else "right", no_wrap=True)
+    with_sample = width >= 120  # the samples are in ladder.html in full anyway
+    if with_sample:
+        table.add_column("sample", no_wrap=True, overflow="ellipsis", max_width=width - 90)
     for r in rungs:
         bpb = "-" if r.bits_per_byte is None else f"{r.bits_per_byte:.4f}"
+        row = [r.name, r.kind, bpb, f"{r.seconds:.1f}", f"{r.size:,}"]
         shown = r.text or (r.samples[0][0] + r.samples[0][1] if r.samples else "")
         # One line, and nothing a terminal would act on (a corpus may hold escape codes).
         sample = "".join(c if c.isprintable() else " " for c in " ".join(shown.split()))
-        table.add_row(r.name, r.kind, bpb, f"{r.seconds:.1f}", f"{r.size:,}", sample)
+        table.add_row(*row, *([sample] if with_sample else []))
     return table
 
 
@@ -62,7 +67,8 @@ def cmd_ladder(args: argparse.Namespace) -> int:
 
     run = Path(args.run) if args.run else None
     rungs = recipes.ladder(args.corpus, args.minutes, out, run, on_rung)
-    Console(file=sys.stdout).print(_table(rungs))
+    console = Console(file=sys.stdout)
+    console.print(_table(rungs, console.width))
     best = min((r for r in rungs if r.kind == "ngram"), key=lambda r: r.bits_per_byte)
     top = rungs[-1]
     gap = best.bits_per_byte - top.bits_per_byte

@@ -234,7 +234,7 @@ def neural(
     """Bengio's MLP on the frozen vectors, trained and scored like the transformer."""
     model = BengioLM(table, cfg.neural_context, cfg.neural_hidden)
     batches = WindowSampler(shards.train, 16, context_len, cfg.seed)
-    state = train(model, lm_loss, batches, _train_cfg(minutes, 16, 3e-3, cfg), run_dir)
+    state = train(model, lm_loss, batches, _train_cfg(minutes, 16, 1e-2, cfg), run_dir)
     model.eval()
     loss, _ = evaluate_objective(model, lm_loss, eval_batches(shards.val, 64, context_len))
     n = cfg.neural_context
