@@ -52,7 +52,7 @@ def plot(rungs: Sequence[Rung], path: Path) -> None:
     for r, c in zip(scored, colors, strict=True):
         right.plot(r.seconds, r.bits_per_byte, "o", color=c)
         right.annotate(
-            r.name,
+            r.name.split(" (")[0],  # "4-gram", not "4-gram (Kneser-Ney)": the points crowd
             (r.seconds, r.bits_per_byte),
             fontsize=7,
             xytext=(4, 3),
