@@ -157,20 +157,20 @@ def ngrams(
     params: SamplingParams,
 ) -> Iterator[Rung]:
     """The Kneser-Ney rungs n = 2..max_order; n's time is the counting up to order n."""
-    V = tokenizer.vocab_size
-    t0 = time.perf_counter()
-    for n, levels in enumerate(count_orders(shards.train, cfg.max_order, V), start=1):
+    V, key = tokenizer.vocab_size, shards.meta["key"]
+    orders = count_orders(shards.train, cfg.max_order, V)
+    counting = 0.0  # an order's time is the counting of it and every order below it
+    for n in range(1, cfg.max_order + 1):
+        t0 = time.perf_counter()
+        levels = next(orders)
+        counting += time.perf_counter() - t0
         if n < 2:
             continue
         model = KneserNey(levels, n, V)
-        seconds = time.perf_counter() - t0
         bpb = _bpb(shards, model.logprobs(shards.val))
         logits = lambda ids, m=model: torch.from_numpy(np.log(m.distribution(ids)))  # noqa: E731
         samples = [(p, continue_text(logits, tokenizer, p, params)) for p in prompts]
-        yield Rung(
-            f"{n}-gram (Kneser-Ney)", "ngram", bpb, seconds, model.size, samples, shards.meta["key"]
-        )
-        t0 = time.perf_counter() - seconds  # the next order's time includes this one's counting
+        yield Rung(f"{n}-gram (Kneser-Ney)", "ngram", bpb, counting, model.size, samples, key)
 
 
 def _train_cfg(minutes: float, batch_size: int, lr: float, cfg: LadderConfig) -> TrainConfig:
@@ -214,16 +214,8 @@ def vectors(
     table = model.center.weight.detach().cpu()
     counts = np.bincount(np.asarray(shards.train, dtype=np.int64), minlength=V)
     text = describe_vectors(table, tokenizer, counts)
-    rung = Rung(
-        "skip-gram vectors",
-        "vectors",
-        None,
-        state.train_time_s,
-        model.num_params(),
-        [],
-        shards.meta["key"],
-        text,
-    )
+    size, key = model.num_params(), shards.meta["key"]
+    rung = Rung("skip-gram vectors", "vectors", None, state.train_time_s, size, [], key, text)
     return rung, table
 
 
@@ -237,25 +229,16 @@ def neural(
     state = train(model, lm_loss, batches, _train_cfg(minutes, 16, 1e-2, cfg), run_dir)
     model.eval()
     loss, _ = evaluate_objective(model, lm_loss, eval_batches(shards.val, 64, context_len))
-    n = cfg.neural_context
+    n, device = cfg.neural_context, next(model.parameters()).device
 
     def logits(ids: list[int]) -> Tensor:
-        with torch.no_grad():
-            return model(torch.tensor([ids[-n:]], device=next(model.parameters()).device))[
-                0, -1
-            ].cpu()
+        with torch.no_grad():  # the last n tokens are all the model ever reads
+            return model(torch.tensor([ids[-n:]], device=device))[0, -1].cpu()
 
     samples = [(p, continue_text(logits, tokenizer, p, params)) for p in prompts]
+    bpb, size = shards.bits_per_byte(loss), model.num_params()
     name = f"neural LM (Bengio, {n} tokens)"
-    return Rung(
-        name,
-        "neural",
-        shards.bits_per_byte(loss),
-        state.train_time_s,
-        model.num_params(),
-        samples,
-        shards.meta["key"],
-    )
+    return Rung(name, "neural", bpb, state.train_time_s, size, samples, shards.meta["key"])
 
 
 def climb(
@@ -277,16 +260,7 @@ def climb(
         done(rung)
     rung, table = vectors(shards, tokenizer, cfg, minutes * cfg.vectors_share, out_dir / "vectors")
     done(rung)
-    done(
-        neural(
-            shards,
-            tokenizer,
-            table,
-            cfg,
-            minutes * cfg.neural_share,
-            out_dir / "neural",
-            prompts,
-            params,
-        )
-    )
+    mlp_minutes = minutes * cfg.neural_share
+    mlp = neural(shards, tokenizer, table, cfg, mlp_minutes, out_dir / "neural", prompts, params)
+    done(mlp)
     return rungs
