@@ -95,7 +95,9 @@ def test_match_parts():
     assert match([frozenset({"a", "b"}), 0], ["b", "c"], {}) == [["b"], ["c"]]
 
 
-@pytest.mark.parametrize("text", ["(a (b)", "(a))", "(x ((0) (y)))\n(z (= nowhere))"])
+@pytest.mark.parametrize(
+    "text", ["(a (b)", "(a))", "(x ((0) (y)))\n(z (= nowhere))", "(x (0))", "(memory)", "y"]
+)
 def test_a_broken_script_is_a_one_line_error(text):
     with pytest.raises(ConfigError, match="ELIZA script: "):
         Script.parse("(hi)\n" + text + "\n(none ((0) (go on)))")

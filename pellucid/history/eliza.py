@@ -113,29 +113,10 @@ class Script:
         entries = parse_sexpr(text)
         greeting, keywords, tags, memory_word, memory = " ".join(entries[0]), {}, {}, "", []
         for entry in entries[1:]:
-            head, rest = entry[0], list(entry[1:])
-            if head == "memory":
-                memory_word = rest[0]
-                for m in rest[1:]:
-                    at = m.index("=")
-                    memory.append(([_element(x) for x in m[:at]], m[at + 1 :]))
-                continue
-            key = keywords.setdefault(head, Keyword(head))
-            if rest[:1] == ["="]:
-                key.substitute, rest = rest[1], rest[2:]
-            if rest and isinstance(rest[0], str) and rest[0].isdigit():
-                key.rank, rest = int(rest[0]), rest[1:]
-            if rest[:1] == ["dlist"]:
-                for tag in rest[1]:
-                    for t in [tag.lstrip("/")] if tag.lstrip("/") else []:
-                        tags.setdefault(t, set()).update({head, key.substitute or head})
-                rest = rest[2:]
-            for item in rest:
-                link = _link(item)
-                if link is not None:
-                    key.rules.append(link)
-                else:
-                    key.rules.append(Rule([_element(x) for x in item[0]], item[1:]))
+            try:
+                memory_word = _entry(entry, keywords, tags, memory) or memory_word
+            except (IndexError, TypeError, ValueError, AttributeError):
+                raise ConfigError(f"ELIZA script: cannot read the entry {entry!r:.80}") from None
         script = cls(greeting, keywords, tags, memory_word, memory)
         script.check()
         return script
@@ -154,6 +135,38 @@ class Script:
                         )
         if not self.keywords.get("none", Keyword("")).rules:
             raise ConfigError("ELIZA script: no 'none' rules to answer an input without keywords")
+
+
+def _entry(
+    entry: list[Atom], keywords: dict[str, Keyword], tags: dict[str, set[str]], memory: list
+) -> str | None:
+    """Add one script entry to `keywords`, `tags` or `memory`; returns the memory word, if any."""
+    if not isinstance(entry, list):
+        raise TypeError("an entry is a list")
+    head, rest = entry[0], list(entry[1:])
+    if head == "memory":
+        for m in rest[1:]:
+            at = m.index("=")
+            memory.append(([_element(x) for x in m[:at]], m[at + 1 :]))
+        return rest[0]
+    key = keywords.setdefault(head, Keyword(head))
+    if rest[:1] == ["="]:
+        key.substitute, rest = rest[1], rest[2:]
+    if rest and isinstance(rest[0], str) and rest[0].isdigit():
+        key.rank, rest = int(rest[0]), rest[1:]
+    if rest[:1] == ["dlist"]:
+        for tag in (t.lstrip("/") for t in rest[1]):
+            if tag:  # `(/ family)` and `(/family)` alike
+                tags.setdefault(tag, set()).update({head, key.substitute or head})
+        rest = rest[2:]
+    for item in rest:
+        if (link := _link(item)) is not None:
+            key.rules.append(link)
+        elif isinstance(item[0], list) and len(item) > 1:  # ((decomposition) reassembly ...)
+            key.rules.append(Rule([_element(x) for x in item[0]], item[1:]))
+        else:
+            raise ValueError("a rule is ((decomposition) reassembly ...)")
+    return None
 
 
 def match(
