@@ -67,6 +67,8 @@ log = logging.getLogger("pellucid")
 # Built-in models: name -> a function that fetches (once) and returns the local file.
 REGISTRY: dict[str, Callable[[], Path]] = {SMOLLM2_NAME: smollm2_gguf_path}
 DEFAULT_MODEL = SMOLLM2_NAME
+# Programs, not weights: `pellucid chat --model eliza` talks to them (history/); nothing loads them.
+PROGRAMS = ("eliza",)
 _KINDS = "a model name, a .gguf file, a Hugging Face folder, a run directory or a checkpoint"
 
 
@@ -129,6 +131,10 @@ def resolve_path(spec: str | Path) -> Path:
         raise WeightsFormatError(f"empty model spec: give {_KINDS}")
     if text in REGISTRY:  # built-in names are reserved, whatever lies in the working directory
         return REGISTRY[text]()
+    if text in PROGRAMS:
+        raise ConfigError(
+            f"'{text}' is a pattern-matching program with no weights: talk to it with `pellucid chat --model {text}`"
+        )
     path = Path(text)
     if path.exists():
         return path
