@@ -210,6 +210,7 @@ def _align_run(files, out, task, *extra, lora=True, data="pairs.jsonl"):
     return finetune.finetune(run, out)
 
 
+@pytest.mark.slow
 def test_reward_run_learns_pairs_and_is_a_model_spec(files, tmp_path, capsys):
     out = tmp_path / "rm"
     code = main(["reward", "train", "--model", str(files / "base"), "--data",
@@ -235,6 +236,7 @@ def test_reward_run_learns_pairs_and_is_a_model_spec(files, tmp_path, capsys):
     assert "is not a reward model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_dpo_run_resumes_and_reports_its_lineage(files, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say hi in exactly {n} words."}) + "\n"
@@ -269,6 +271,7 @@ def test_dpo_run_resumes_and_reports_its_lineage(files, tmp_path, capsys):
     assert "| 1 | dpo (lora) |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_full_dpo_with_precomputed_reference_keeps_no_copy(files, tmp_path):
     out = _align_run(files, tmp_path / "full", "dpo", "train.max_steps=2", "train.batch_size=4",
                      "dpo.precompute_ref=true", "train.lr=1e-4", lora=False).run_dir  # fmt: skip

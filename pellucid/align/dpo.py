@@ -175,7 +175,8 @@ def prepare(
             won = oracle_scores(
                 m, reference, tok, template, judge, rows, baseline, cfg.max_new_tokens, mine
             )
-            out |= {k: v for k, v in won.items() if k != "replies"}
+            out |= {k: v for k, v in won.items() if k not in ("replies", "n")}
+            out["n_prompts"] = won["n"]
         return out
 
     batches = ExampleSampler(train_pairs, B, train.seed, collate_pairs)
