@@ -119,10 +119,9 @@ def with_reference(pairs: list[EncodedPair], reference: Any, batch_size: int) ->
     out: list[EncodedPair] = []
     for i, batch in enumerate(in_order(pairs, batch_size, collate_pairs)):
         b = batch.to(device)
-        logps = completion_logprobs(reference, b.inputs, b.targets).cpu()  # (2B,)
-        n = len(logps) // 2
-        chunk = pairs[i * batch_size : i * batch_size + n]
-        out += [replace(p, ref=(logps[j].item(), logps[n + j].item())) for j, p in enumerate(chunk)]
+        logps = completion_logprobs(reference, b.inputs, b.targets).tolist()  # (2B,) interleaved
+        chunk = pairs[i * batch_size : i * batch_size + len(logps) // 2]
+        out += [replace(p, ref=(logps[2 * j], logps[2 * j + 1])) for j, p in enumerate(chunk)]
     return out
 
 
