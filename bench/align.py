@@ -59,8 +59,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="pairs per step")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--targets", default="blocks.2[2-9].*_proj",
-                    help="LoRA targets (default: the last 8 of SmolLM2's 30 blocks)")  # fmt: skip
+    ap.add_argument(
+        "--targets",
+        default="blocks.2[2-9].*_proj",
+        help="LoRA targets (default: the last 8 of SmolLM2's 30 blocks)",
+    )
     ap.add_argument("--sample-batch", type=int, default=64, help="sequences decoded together")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/runs/align")
@@ -91,12 +94,24 @@ def main() -> None:
     # 2. sample K replies per prompt (cached)
     t0 = time.perf_counter()
     loaded = load(args.model)
-    params = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0,
-                            stop_token_ids=stop_token_ids(loaded.tokenizer))  # fmt: skip
+    params = SamplingParams(
+        temperature=1.0,
+        max_new_tokens=args.max_new_tokens,
+        seed=0,
+        stop_token_ids=stop_token_ids(loaded.tokenizer),
+    )
     model_id = f"{args.model}:{spec_sha256(loaded.source)}"
-    responses = sample_responses(loaded.model, loaded.tokenizer, loaded.chat_template(), train_rows,
-                                 args.k, params, cache=out / "cache", model_id=model_id,
-                                 batch_size=args.sample_batch)  # fmt: skip
+    responses = sample_responses(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.chat_template(),
+        train_rows,
+        args.k,
+        params,
+        cache=out / "cache",
+        model_id=model_id,
+        batch_size=args.sample_batch,
+    )
     del loaded
     phase("sample", t0, replies=sum(map(len, responses)))
 
@@ -106,14 +121,23 @@ def main() -> None:
     write_pairs(out / "pairs.jsonl", pairs)
     phase("pairs", t0, pairs=len(pairs))
 
-    common = ["train.progress=false", "train.log_every=10", f"train.batch_size={args.batch}",
-              f"train.lr={args.lr}", f"train.min_lr={args.lr / 10}", "train.warmup_steps=5",
-              "train.checkpoint_every=20", f"lora.targets={args.targets}", "finetune.val_fraction=0.2"]  # fmt: skip
+    common = [
+        "train.progress=false",
+        "train.log_every=10",
+        f"train.batch_size={args.batch}",
+        f"train.lr={args.lr}",
+        f"train.min_lr={args.lr / 10}",
+        "train.warmup_steps=5",
+        "train.checkpoint_every=20",
+        f"lora.targets={args.targets}",
+        "finetune.val_fraction=0.2",
+    ]
 
     def run(task: str, name: str, extra: list[str]) -> dict:
         t0 = time.perf_counter()
-        cfg = finetune.load_finetune_config(task, args.model, str(out / "pairs.jsonl"), lora=True,
-                                            assignments=common + extra)  # fmt: skip
+        cfg = finetune.load_finetune_config(
+            task, args.model, str(out / "pairs.jsonl"), lora=True, assignments=common + extra
+        )
         run_dir = out / name
         resume = (run_dir / "checkpoints").is_dir()
         result = finetune.finetune(cfg, run_dir, resume=resume)
@@ -123,10 +147,20 @@ def main() -> None:
     # 4. reward model
     rm = run("reward", "reward", [f"train.max_steps={args.rm_steps}", "train.eval_every=20"])
     # 5. DPO
-    dpo = run("dpo", "dpo", [f"train.max_steps={args.dpo_steps}", f"dpo.beta={args.beta}",
-              f"dpo.oracle={args.oracle}", f"finetune.eval_data={out / 'held_prompts.jsonl'}",
-              f"finetune.eval_max={args.held_prompts}", f"dpo.max_new_tokens={args.max_new_tokens}",
-              "dpo.precompute_ref=true", "train.eval_every=40"])  # fmt: skip
+    dpo = run(
+        "dpo",
+        "dpo",
+        [
+            f"train.max_steps={args.dpo_steps}",
+            f"dpo.beta={args.beta}",
+            f"dpo.oracle={args.oracle}",
+            f"finetune.eval_data={out / 'held_prompts.jsonl'}",
+            f"finetune.eval_max={args.held_prompts}",
+            f"dpo.max_new_tokens={args.max_new_tokens}",
+            "dpo.precompute_ref=true",
+            "train.eval_every=40",
+        ],
+    )
     result = {"args": vars(args), "phases": phases, "reward": rm, "dpo": dpo}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({"reward": rm, "dpo": dpo}, indent=1))
@@ -136,14 +170,20 @@ def main() -> None:
 
 def markdown(args: argparse.Namespace, phases: dict, rm: dict, dpo: dict) -> str:
     met = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.machine())  # fmt: skip
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.machine(),
+    )
     rows = "\n".join(f"| {k} | {v['wall_s']:.0f} | {v['peak_mb']:.0f} |" for k, v in phases.items())
     return f"""
 | goal | measured | |
 |---|---|---|
 | reward model pairwise accuracy on held-out oracle pairs >= 90% | {rm["pairwise_accuracy"]:.1%} ({rm["n"]} pairs, margin {rm["margin"]:.2f}) | {met(rm["pairwise_accuracy"] >= 0.9)} |
-| DPO: oracle win rate vs the base on held-out prompts >= 70% | {dpo["win_rate"]:.1%} ({dpo["wins"]} wins, {dpo["ties"]} ties, {dpo["losses"]} losses) | {met(dpo["win_rate"] >= 0.7)} |
+| DPO: oracle win rate vs the base on held-out prompts >= 70% | {dpo["win_rate"]:.1%} ({dpo["wins"]} wins, {dpo["ties"]} ties, {dpo["losses"]} losses of {dpo["n_prompts"]}) | {met(dpo["win_rate"] >= 0.7)} |
 | DPO: KL to the reference | {dpo.get("kl", float("nan")):.2f} nats per reply ({dpo.get("kl_per_token", float("nan")):.3f} per token) | reported |
 
 | phase | wall s | peak RSS MB (so far) |

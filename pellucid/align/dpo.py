@@ -150,6 +150,8 @@ def prepare(
     tok, template = loaded.tokenizer, loaded.chat_template()
     reference = make_reference(model)
     rows = data.held_rows[:eval_max] if cfg.oracle else []
+    if cfg.oracle and not rows:
+        raise ConfigError("dpo.oracle judges held-out prompts: pass --eval-data PROMPTS.jsonl")
     judge = get_oracle(cfg.oracle) if rows else None
     baseline: list[str] = []
     if judge is not None:  # the reference's own answers: what the policy has to beat

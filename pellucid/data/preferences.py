@@ -14,7 +14,8 @@ naming the file, the line number and the field (data/jsonl.py does the line read
 For training, each pair becomes two conversations (user: prompt, assistant: chosen / rejected)
 tokenized with the model's chat template (`encode_pairs`), and B pairs become ONE batch of 2B
 right-padded rows, each chosen reply followed by its rejected one (`collate_pairs`): the reward
-model and DPO run both through one forward. Targets are the reply tokens only (as in SFT); `segments` marks real tokens.
+model and DPO run both through one forward. Targets are the reply tokens only (as in SFT);
+`segments` marks the real tokens.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ class EncodedPair:
 
 @dataclass
 class PreferenceBatch(SFTBatch):
-    """B pairs as 2B rows (chosen, rejected, chosen, ...): inputs, targets (IGNORE_INDEX outside the replies)
-    and segments (1 real, 0 padding), all (2B, T); ref_logps (2B,) float32 when precomputed.
+    """B pairs as 2B rows (chosen, rejected, chosen, ...): inputs, targets (IGNORE_INDEX outside
+    the replies) and segments (1 real, 0 padding), all (2B, T); ref_logps (2B,) float32 when precomputed.
     One target per pair: n_targets is B, so the trainer averages the loss over pairs."""
 
     ref_logps: Tensor | None = None

@@ -139,7 +139,7 @@ def reply_logprobs(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def per_row_sum(values: Tensor, targets: Tensor) -> Tensor:
-    """Sum per row of values (N,) given at the non-IGNORE_INDEX positions of targets (B, T) -> (B,)."""
+    """Per-row sums (B,) of values (N,) given at the non-IGNORE_INDEX positions of targets (B, T)."""
     rows = (targets != IGNORE_INDEX).nonzero()[:, 0]  # (N,) the row of each counted position
     return torch.zeros(targets.shape[0], device=values.device).index_add(0, rows, values.float())
 
