@@ -43,6 +43,7 @@ from pellucid.data.finetune import (
     pad_text,
 )
 from pellucid.data.jsonl import LM_SHAPES, Dataset, drop_overlap, read_jsonl, split
+from pellucid.data.preferences import is_pairs_file
 from pellucid.errors import ConfigError, DataError
 from pellucid.files import atomic_write, sha256_file
 from pellucid.model.lora import DEFAULT_TARGETS
@@ -387,13 +388,13 @@ def evaluate_file(
     accuracy, macro-F1, confusion matrix; a reward model on preference pairs: pairwise accuracy
     and margin. `limit` > 0 scores the first `limit` rows only.
     """
-    loaded = load(spec or DEFAULT_MODEL)
-    if loaded.reward_model is not None:  # a reward model scores preference pairs
+    if is_pairs_file(_data_path(path)):  # preference pairs: a reward model's accuracy
         from pellucid.align.reward import evaluate_pairs
 
-        return evaluate_pairs(loaded, str(spec), path, batch_size)
+        return evaluate_pairs(spec or DEFAULT_MODEL, _data_path(path), batch_size)
     data = read_jsonl(_data_path(path))
     records = data.records[:limit] if limit > 0 else data.records
+    loaded = load(spec or DEFAULT_MODEL)
     if loaded.tokenizer is None:
         raise ConfigError(f"model '{spec}' has no tokenizer to read the data with")
     tok, ctx = loaded.tokenizer, loaded.model.cfg.context_len

@@ -23,7 +23,6 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -163,7 +162,11 @@ def prepare(
         val_pairs = with_reference(val_pairs, reference, B)
         if not isinstance(reference, AdaptersOff):
             reference = None  # the copy's memory goes back; the KL is then not measured
-    objective = partial(dpo_loss, beta=cfg.beta, reference=reference)
+
+    def objective(m: nn.Module, batch: Any) -> Any:
+        if isinstance(reference, nn.Module):  # the frozen copy follows the policy's device
+            reference.to(batch.inputs.device)
+        return dpo_loss(m, batch, beta=cfg.beta, reference=reference)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         r = pair_metrics(m, objective, val_pairs, B)

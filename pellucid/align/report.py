@@ -33,10 +33,10 @@ from typing import Any
 
 from pellucid.align.evaluate import greedy_replies, oracle_scores
 from pellucid.align.oracle import Oracle
-from pellucid.align.reward import evaluate_pairs
+from pellucid.align.reward import pairs_accuracy
 from pellucid.data.finetune import encode_lm
 from pellucid.data.jsonl import Record
-from pellucid.data.preferences import PromptRow, reply_record
+from pellucid.data.preferences import PromptRow, read_pairs, reply_record
 from pellucid.errors import ConfigError
 from pellucid.files import atomic_open, atomic_write, read_json, sha256_file
 from pellucid.train.evaluate import exact_match, lm_metrics
@@ -128,7 +128,7 @@ def _measure(
     if stage.kind == "reward":
         if not y.pairs:
             return {}
-        r = evaluate_pairs(loaded, stage.spec, y.pairs)
+        r = pairs_accuracy(loaded, stage.spec, read_pairs(y.pairs))
         return {"pairwise_accuracy": r["pairwise_accuracy"], "margin": r["margin"]}
     tok, template = loaded.tokenizer, loaded.chat_template()
     out: dict[str, Any] = {}

@@ -17,14 +17,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from pellucid.align.pairs import PairData, pair_metrics, read_pair_data
+from pellucid.align.pairs import PairData, pair_metrics
 from pellucid.data.finetune import ExampleSampler, encode_lm, in_order
-from pellucid.data.preferences import collate_pairs, collate_rows, reply_record
+from pellucid.data.preferences import (
+    PreferencePair,
+    collate_pairs,
+    collate_rows,
+    encode_pairs,
+    read_pairs,
+    reply_record,
+)
 from pellucid.errors import ConfigError
 from pellucid.train.objectives import pairwise_reward_loss
 from pellucid.train.trainer import TrainConfig
+from pellucid.weights.resolve import load
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pellucid.tokenizer.bpe import Tokenizer
     from pellucid.tokenizer.chat import ChatTemplate
     from pellucid.weights.resolve import LoadedModel
@@ -92,13 +102,18 @@ def need_reward_model(loaded: LoadedModel, spec: str) -> nn.Module:
     return loaded.reward_model
 
 
-def evaluate_pairs(loaded: LoadedModel, spec: str, path: str, batch_size: int = 8) -> dict:
-    """`pellucid eval --model RM --data PAIRS.jsonl`: {"n", "loss", "pairwise_accuracy",
-    "margin", "shape": "preference"} over every pair of the file."""
+def pairs_accuracy(
+    loaded: LoadedModel, spec: str, pairs: Sequence[PreferencePair], batch_size: int = 8
+) -> dict[str, float]:
+    """{"n", "loss", "pairwise_accuracy", "margin"} of the reward model a spec loaded."""
     rm = need_reward_model(loaded, spec)
-    tok, template = loaded.tokenizer, loaded.chat_template()
-    data = read_pair_data(
-        path, "", held_pairs=True, val_fraction=0.0, seed=0, tokenizer=tok, template=template,
-        max_len=rm.cfg.context_len - 1, truncate=True,
-    )  # fmt: skip
-    return {"shape": "preference", **reward_metrics(rm, data.train, batch_size)}
+    max_len = rm.cfg.context_len - 1
+    encoded = encode_pairs(pairs, loaded.chat_template(), loaded.tokenizer, max_len, truncate=True)
+    return reward_metrics(rm, encoded, batch_size)
+
+
+def evaluate_pairs(spec: str, path: str | Path, batch_size: int = 8) -> dict[str, Any]:
+    """`pellucid eval --model RM --data PAIRS.jsonl`: every pair of the file (checked before the
+    model loads): {"shape": "preference", "n", "loss", "pairwise_accuracy", "margin"}."""
+    pairs = read_pairs(path)
+    return {"shape": "preference", **pairs_accuracy(load(spec), spec, pairs, batch_size)}

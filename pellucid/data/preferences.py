@@ -76,6 +76,15 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
     return [parse_pair(obj, where) for _, where, obj in json_lines(path)]
 
 
+def is_pairs_file(path: str | Path) -> bool:
+    """Whether a JSONL file's first line is a pair (has "chosen"); False if it cannot be read."""
+    try:
+        _, _, first = next(json_lines(path))
+    except (DataError, StopIteration):
+        return False  # the caller's own reader says what is wrong with the file
+    return isinstance(first, dict) and "chosen" in first
+
+
 def write_pairs(path: str | Path, pairs: Iterable[PreferencePair]) -> None:
     """Write pairs as JSONL, one `{"prompt", "chosen", "rejected"}` object a line, atomically."""
     lines = [
