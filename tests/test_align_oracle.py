@@ -197,3 +197,15 @@ def test_scalar_head_reads_the_last_real_token_either_padding_side():
         expect = values[0, -1]
         assert torch.allclose(rm.reward(right, segments=seg_r), expect.view(1), atol=1e-5)
         assert torch.allclose(rm.reward(left, segments=seg_l), expect.view(1), atol=1e-5)
+
+
+def test_cli_writes_oracle_prompts(tmp_path, capsys):
+    from pellucid.cli import main
+
+    out = tmp_path / "p.jsonl"
+    assert main(["data", "prompts", "task", "--n", "5", "--seed", "3", "--out", str(out)]) == 0
+    rows = read_prompts(out)
+    assert rows == make_prompts(get_oracle("task"), 5, seed=3)
+    assert all(r.answer for r in rows)
+    assert main(["data", "prompts", "wrods", "--n", "5", "--out", str(out)]) == 2
+    assert "did you mean 'words'" in capsys.readouterr().err
