@@ -58,7 +58,10 @@ def main() -> None:
     ap.add_argument("--dpo-steps", type=int, default=80)
     ap.add_argument("--batch", type=int, default=4, help="pairs per step")
     ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--rm-lr", type=float, default=1e-3)
+    ap.add_argument("--dpo-lr", type=float, default=1e-3)
+    ap.add_argument("--phases", default="reward,dpo", help="which of reward, dpo to run")
+    ap.add_argument("--tag", default="", help="suffix of the run directories (another setting)")
     ap.add_argument(
         "--targets",
         default="blocks.2[2-9].*_proj",
@@ -125,16 +128,16 @@ def main() -> None:
         "train.progress=false",
         "train.log_every=10",
         f"train.batch_size={args.batch}",
-        f"train.lr={args.lr}",
-        f"train.min_lr={args.lr / 10}",
         "train.warmup_steps=5",
         "train.checkpoint_every=20",
         f"lora.targets={args.targets}",
         "finetune.val_fraction=0.2",
     ]
 
-    def run(task: str, name: str, extra: list[str]) -> dict:
+    def run(task: str, name: str, lr: float, extra: list[str]) -> dict:
         t0 = time.perf_counter()
+        name += args.tag
+        extra = [f"train.lr={lr}", f"train.min_lr={lr / 10}", *extra]
         cfg = finetune.load_finetune_config(
             task, args.model, str(out / "pairs.jsonl"), lora=True, assignments=common + extra
         )
@@ -145,12 +148,13 @@ def main() -> None:
         return result.after
 
     # 4. reward model
-    rm = run("reward", "reward", [f"train.max_steps={args.rm_steps}", "train.eval_every=20"])
+    rm, dpo = {}, {}
+    if "reward" in args.phases:
+        rm = run("reward", "reward", args.rm_lr, [f"train.max_steps={args.rm_steps}",
+                 f"train.eval_every={max(20, args.rm_steps // 4)}"])  # fmt: skip
     # 5. DPO
-    dpo = run(
-        "dpo",
-        "dpo",
-        [
+    if "dpo" in args.phases:
+        dpo = run("dpo", "dpo", args.dpo_lr, [
             f"train.max_steps={args.dpo_steps}",
             f"dpo.beta={args.beta}",
             f"dpo.oracle={args.oracle}",
@@ -159,12 +163,11 @@ def main() -> None:
             f"dpo.max_new_tokens={args.max_new_tokens}",
             "dpo.precompute_ref=true",
             "train.eval_every=40",
-        ],
-    )
+        ])  # fmt: skip
     result = {"args": vars(args), "phases": phases, "reward": rm, "dpo": dpo}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / f"results{args.tag}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({"reward": rm, "dpo": dpo}, indent=1))
-    if args.markdown:
+    if args.markdown and rm and dpo:
         print(markdown(args, phases, rm, dpo))
 
 

@@ -179,7 +179,7 @@ def prepare(
             won = oracle_scores(
                 m, reference, tok, template, judge, rows, baseline, cfg.max_new_tokens, mine
             )
-            out |= {k: v for k, v in won.items() if k not in ("replies", "n")}
+            out |= {k: v for k, v in won.items() if k != "n"}  # eval.json keeps the replies
             out["n_prompts"] = won["n"]
         return out
 

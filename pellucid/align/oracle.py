@@ -10,6 +10,7 @@ ranking it makes) and scores a reply by checking it against what the prompt aske
 | words | "... in exactly 12 words." | -abs(words - 12) |
 | format | "... only a JSON object with the keys "a", "b"." | 0 not an object, else 1 + key Jaccard |
 | | "... a bulleted list of 4 ..." | -abs(bullet lines - 4) |
+| json | the JSON half of `format` alone | as format |
 | task | a generated task (data/tasks.py), with its answer | 1 exact match, 0.5 contains it, 0 |
 
     >>> oracle = get_oracle("sentences")
@@ -155,14 +156,18 @@ _KEYS = ("name", "age", "city", "color", "pet", "year", "country", "food", "job"
 _THINGS = ("fruits", "animals", "colors", "countries", "tools", "sports", "cities", "foods")
 
 
+def _json_prompt(rng: random.Random) -> PromptRow:
+    keys = rng.sample(_KEYS, rng.randint(2, 4))
+    quoted = ", ".join(f'"{k}"' for k in keys[:-1]) + f' and "{keys[-1]}"'
+    subject = rng.choice(("a person", "a pet", "a trip", "a city", "a meal"))
+    return PromptRow(
+        f"Describe {subject} as only a JSON object with the keys {quoted}. No other text."
+    )
+
+
 def _format_prompt(rng: random.Random) -> PromptRow:
     if rng.random() < 0.5:
-        keys = rng.sample(_KEYS, rng.randint(2, 4))
-        quoted = ", ".join(f'"{k}"' for k in keys[:-1]) + f' and "{keys[-1]}"'
-        subject = rng.choice(("a person", "a pet", "a trip", "a city", "a meal"))
-        return PromptRow(
-            f"Describe {subject} as only a JSON object with the keys {quoted}. No other text."
-        )
+        return _json_prompt(rng)
     n, things = rng.randint(2, 6), rng.choice(_THINGS)
     return PromptRow(f"Name some {rng.choice(COLORS)} {things} as a bulleted list of {n} items.")
 
@@ -195,6 +200,13 @@ ORACLES: dict[str, Oracle] = {
             "the keys named (a code fence allowed), or a bulleted list with exactly N items",
             _format,
             _format_prompt,
+        ),
+        Oracle(
+            "json",
+            "the reply is only a JSON object (a code fence allowed) with exactly the keys the "
+            "prompt names; the closer its keys, the better; anything else is worst",
+            _format,
+            _json_prompt,
         ),
         Oracle(
             "task",
