@@ -76,7 +76,7 @@ class RLConfig:
                 f"{self.epochs}, {self.clip}, {self.temperature}"
             )
         if self.algo == "grpo" and self.group_size < 2:
-            raise ConfigError(f"GRPO compares replies: config key 'rl.group_size' must be >= 2")
+            raise ConfigError("GRPO compares replies: config key 'rl.group_size' must be >= 2")
         if self.kl_coef < 0 or (self.kl_target is not None and not self.kl_target > 0):
             raise ConfigError("config keys 'rl.kl_coef' must be >= 0 and 'rl.kl_target' > 0")
 
@@ -96,11 +96,11 @@ class RolloutBatch(Batch):
     old_values are PPO's, zeros under GRPO). stats: the iteration's numbers, logged with the loss.
     """
 
-    old_logprobs: Tensor = None
-    ref_logprobs: Tensor = None
-    advantages: Tensor = None
-    returns: Tensor = None
-    old_values: Tensor = None
+    old_logprobs: Tensor
+    ref_logprobs: Tensor
+    advantages: Tensor
+    returns: Tensor
+    old_values: Tensor
     stats: dict[str, float] = field(default_factory=dict)
 
 
@@ -122,16 +122,27 @@ def reference(policy: nn.Module, frozen: nn.Module | None) -> Iterator[nn.Module
         yield base
 
 
+def _sampling(
+    tokenizer: Tokenizer, temperature: float, max_new_tokens: int, seed: int
+) -> SamplingParams:
+    """Plain sampling (no top-k/top-p: the replies come from the distribution being trained)."""
+    return SamplingParams(
+        temperature=temperature, max_new_tokens=max_new_tokens,
+        stop_token_ids=stop_token_ids(tokenizer), seed=seed,
+    )  # fmt: skip
+
+
 def sample_replies(
     engine: Engine, prompts: list[list[int]], params: SamplingParams
 ) -> list[tuple[list[int], str]]:
     """Each prompt's reply from the Engine: (token ids, a final stop token included; text)."""
-    replies: list[tuple[list[int], str]] = [([], "") for _ in prompts]
+    ids: list[list[int]] = [[] for _ in prompts]
+    texts = [""] * len(prompts)
     for steps in engine.generate(prompts, params):
         for s in steps:
-            ids, text = replies[s.row]
-            replies[s.row] = (ids + [s.id], text + s.text)
-    return replies
+            ids[s.row].append(s.id)
+            texts[s.row] += s.text
+    return list(zip(ids, texts, strict=True))
 
 
 def pack(prompts: list[list[int]], replies: list[list[int]]) -> tuple[Tensor, Tensor]:
@@ -222,10 +233,9 @@ class Rollouts:
         picks = [i for i in picks for _ in range(cfg.group_size)]  # a group's replies together
         prompts = [self.prompt_ids[i] for i in picks]
         policy = policy_of(self.model)
-        params = SamplingParams(
-            temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
-            stop_token_ids=stop_token_ids(self.tokenizer), seed=rng.randrange(2**31),
-        )  # fmt: skip
+        params = _sampling(
+            self.tokenizer, cfg.temperature, cfg.max_new_tokens, rng.randrange(2**31)
+        )
         replies = sample_replies(Engine(policy, self.tokenizer), prompts, params)
         t_rollout = time.perf_counter()
         scores = self.reward([self.rows[i] for i in picks], [text for _, text in replies])
@@ -305,3 +315,27 @@ class Rollouts:
                 out.append(RolloutBatch(inputs[idx, :T], targets[idx, :T], **cut, stats=stats))
         return out
 
+
+@torch.no_grad()
+def reply_kl(
+    policy: nn.Module,
+    frozen_ref: nn.Module | None,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 16,
+) -> float:
+    """KL(policy || reference) in nats per reply: one reply sampled per prompt at temperature 1,
+    the sum over its tokens of log pi - log ref, averaged over the prompts."""
+    params = _sampling(tokenizer, 1.0, max_new_tokens, seed)
+    replies = [ids for ids, _ in sample_replies(Engine(policy, tokenizer), prompts, params)]
+    device, total = next(policy.parameters()).device, 0.0
+    for i in range(0, len(prompts), batch_size):
+        x, y = (
+            t.to(device) for t in pack(prompts[i : i + batch_size], replies[i : i + batch_size])
+        )
+        logp = reply_logprobs(policy, x, y)[0]
+        with reference(policy, frozen_ref) as ref:
+            total += (logp - reply_logprobs(ref, x, y)[0]).sum().item()
+    return total / len(prompts)

@@ -179,7 +179,9 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.exp(d) - d - 1
 
 
-def grpo_loss(model: nn.Module, batch: Batch, *, clip: float = 0.2, beta: float = 0.04) -> LossOutput:
+def grpo_loss(
+    model: nn.Module, batch: Batch, *, clip: float = 0.2, beta: float = 0.04
+) -> LossOutput:
     """GRPO (DeepSeekMath): the clipped policy loss with each reply's group-relative advantage
     on all its tokens, plus beta x the k3 KL to the reference, summed over reply tokens (each
     token weighs the same, DAPO's token-level normalisation). No value head: model is the policy.
