@@ -236,11 +236,11 @@ def rlhf(run: RLHFRun, out_dir: Path | None = None, *, resume: bool = False) -> 
     rows, held = _held_out(run)
     if run.oracle:
         oracles.get_oracle(run.oracle)  # an unknown name fails now, not after training
+    device = resolve_device(run.train.device)
+    reward = build_reward(run.reward, device)
     loaded = load(run.policy)
     if loaded.tokenizer is None:
         raise ConfigError(f"model '{run.policy}' has no tokenizer; rlhf needs one")
-    device = resolve_device(run.train.device)
-    reward = build_reward(run.reward, device)
     meta = _meta(run, loaded)
     frozen_ref = None
     if not run.lora.enabled:  # the one case with a second copy: full fine-tuning moves the base
