@@ -25,7 +25,6 @@ directory is a model spec like any other and holds
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -33,6 +32,7 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,14 +43,16 @@ from torch import nn
 
 from pellucid import config
 from pellucid.align import oracle as oracles
-from pellucid.align.rollouts import Reward, RLConfig, Rollouts, reply_kl
+from pellucid.align.dpo import make_reference
+from pellucid.align.evaluate import greedy_replies, oracle_scores, reply_kl
+from pellucid.align.reward import need_reward_model, score_replies
+from pellucid.align.rollouts import Reward, RLConfig, Rollouts, policy_of
 from pellucid.data.preferences import PromptRow, read_prompts
 from pellucid.errors import ConfigError, DataError
 from pellucid.files import atomic_open, atomic_write, sha256_file
 from pellucid.finetune import LoraConfig
-from pellucid.model.heads import ScalarHead
 from pellucid.recipes import config_hash, default_run_dir
-from pellucid.train.evaluate import greedy_answers, normalize_answer
+from pellucid.train.evaluate import normalize_answer
 from pellucid.train.objectives import grpo_loss, ppo_loss
 from pellucid.train.trainer import (
     TrainConfig,
@@ -140,16 +142,23 @@ def task_reward(rows: list[PromptRow], replies: list[str]) -> list[float]:
     ]
 
 
-def build_reward(spec: str, device: torch.device) -> Reward:
-    """The reward a spec names: "tasks", "oracle:NAME" or a reward model (see the module doc)."""
+def build_reward(spec: str, device: torch.device) -> tuple[Reward, str | None]:
+    """The reward a spec names (see the module doc), and the reward model's path if it is one."""
     if spec == "tasks":
-        return task_reward
+        return task_reward, None
     if spec.startswith("oracle:"):
         judge = oracles.get_oracle(spec.removeprefix("oracle:"))
         return lambda rows, replies: [
             judge.score(r.prompt, t, r.answer) for r, t in zip(rows, replies, strict=True)
-        ]
-    raise ConfigError(f"reward {spec!r}: reward models are not supported yet")
+        ], None  # fmt: skip
+    loaded = load(spec, device=device)
+    rm = need_reward_model(loaded, spec).eval().requires_grad_(False)
+    tok, template = loaded.tokenizer, loaded.chat_template()
+
+    def score(rows: Sequence[PromptRow], replies: Sequence[str]) -> list[float]:
+        return score_replies(rm, tok, template, [r.prompt for r in rows], replies).tolist()
+
+    return score, str(Path(loaded.source).resolve())
 
 
 def _check_rows(rows: list[PromptRow], path: str, reward: str, oracle: str) -> None:
@@ -168,26 +177,24 @@ def _check_rows(rows: list[PromptRow], path: str, reward: str, oracle: str) -> N
 
 def evaluate_policy(
     policy: nn.Module, loaded: Any, rows: list[PromptRow], reward: Reward, run: RLHFRun,
-    frozen_ref: nn.Module | None, baseline: list[str] | None = None,
+    reference: Any, baseline: list[str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Greedy replies to the held-out rows and their scores (see the module doc); with
-    `baseline` (the starting model's replies), the oracle's win rate and the KL as well."""
+    """Greedy replies to the held-out rows, their reward and exact match (rows with answers);
+    with `baseline` (the starting model's replies) also the KL to the reference along them and
+    the oracle's win rate over the baseline (align/evaluate.py, as DPO reports them)."""
     tok, template = loaded.tokenizer, loaded.chat_template()
-    policy.eval()  # no dropout while measuring (train() switches back)
-    msgs = [[{"role": "user", "content": r.prompt}] for r in rows]
-    replies = greedy_answers(policy, tok, template, msgs, run.rl.max_new_tokens)
+    replies = greedy_replies(policy, tok, template, rows, run.rl.max_new_tokens)
     scores = reward(rows, replies)
     out: dict[str, Any] = {"n": len(rows), "reward": sum(scores) / len(scores), "replies": replies}
     if all(r.answer is not None for r in rows):
         out["exact_match"] = sum(task_reward(rows, replies)) / len(rows)
-    if baseline is not None:
-        if run.oracle:
-            judge = oracles.get_oracle(run.oracle)
-            out["win_rate"] = oracles.win_rate(judge, rows, replies, baseline)["win_rate"]
-        prompts = [template.encode(tok, m) for m in msgs]
-        out["kl"] = reply_kl(
-            policy, frozen_ref, tok, prompts, run.rl.max_new_tokens, run.train.seed
+    if baseline is not None and run.oracle:
+        judge = oracles.get_oracle(run.oracle)
+        out |= oracle_scores(
+            policy, reference, tok, template, judge, rows, baseline, replies=replies
         )
+    elif baseline is not None:
+        out |= reply_kl(policy, reference, tok, template, rows, replies)
     return out
 
 
@@ -210,7 +217,8 @@ def _held_out(run: RLHFRun) -> tuple[list[PromptRow], list[PromptRow]]:
     return [rows[i] for i in sorted(order[n:])], held
 
 
-def _meta(run: RLHFRun, loaded: Any) -> dict[str, Any]:
+def _meta(run: RLHFRun, loaded: Any, reward_model: str | None) -> dict[str, Any]:
+    """finetune.json: the policy as the base (report.py follows it), and the reward model."""
     base = str(Path(loaded.source).resolve()) if Path(run.policy).exists() else run.policy
     return {
         "format": adapter.FORMAT,
@@ -221,6 +229,7 @@ def _meta(run: RLHFRun, loaded: Any) -> dict[str, Any]:
         "lora": dataclasses.asdict(run.lora) if run.lora.enabled else None,
         "labels": None,
         "train_last": -1,
+        "reward_model": reward_model,
     }
 
 
@@ -237,22 +246,21 @@ def rlhf(run: RLHFRun, out_dir: Path | None = None, *, resume: bool = False) -> 
     if run.oracle:
         oracles.get_oracle(run.oracle)  # an unknown name fails now, not after training
     device = resolve_device(run.train.device)
-    reward = build_reward(run.reward, device)
+    reward, rm_path = build_reward(run.reward, device)
     loaded = load(run.policy)
     if loaded.tokenizer is None:
         raise ConfigError(f"model '{run.policy}' has no tokenizer; rlhf needs one")
-    meta = _meta(run, loaded)
-    frozen_ref = None
-    if not run.lora.enabled:  # the one case with a second copy: full fine-tuning moves the base
-        frozen_ref = copy.deepcopy(loaded.model).requires_grad_(False).eval().to(device)
+    meta = _meta(run, loaded, rm_path)
     seed_everything(run.train.seed)  # LoRA's A and the value head are drawn from the run's seed
-    policy = adapter.build(loaded.model, meta)
-    model = ScalarHead(policy) if run.rl.algo == "ppo" else policy
-    model.to(device)
+    # What trains: the policy (GRPO), or ScalarHead(policy) whose head is the value (PPO).
+    model = adapter.build(loaded.model, meta).to(device)
+    policy = policy_of(model)
+    # The frozen start: under LoRA the policy with its adapters off, else a copy made now.
+    reference = make_reference(policy)
     dtype = resolve_dtype(run.train.dtype, device)
     rollouts = Rollouts(
         model, loaded.tokenizer, loaded.chat_template(), rows, reward, run.rl,
-        batch_size=run.train.batch_size, seed=run.train.seed, frozen_ref=frozen_ref,
+        batch_size=run.train.batch_size, seed=run.train.seed, reference=reference,
         amp=partial(autocast, device, dtype),
     )  # fmt: skip
     rl = run.rl
@@ -273,10 +281,11 @@ def rlhf(run: RLHFRun, out_dir: Path | None = None, *, resume: bool = False) -> 
         before = read_json(eval_file)["before"]
     else:
         log.info("scoring the starting policy on %d held-out prompts ...", len(held))
-        before = evaluate_policy(policy, loaded, held, reward, run, frozen_ref)
+        before = evaluate_policy(policy, loaded, held, reward, run, reference)
         atomic_write(eval_file, json.dumps({"before": before}, indent=1))
     state = train(model, objective, rollouts, run.train, run_dir, resume=resume, files=files)
-    after = evaluate_policy(policy, loaded, held, reward, run, frozen_ref, before["replies"])
+    rollouts.end_iteration()
+    after = evaluate_policy(policy, loaded, held, reward, run, reference, before["replies"])
     atomic_write(eval_file, json.dumps({"before": before, "after": after}, indent=1))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     plot_iterations(records, run_dir / PLOT)

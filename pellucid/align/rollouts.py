@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,13 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from pellucid.align import ppo
+from pellucid.align.pairs import conversation
 from pellucid.data.batches import Batch
 from pellucid.errors import ConfigError
 from pellucid.infer.conversation import stop_token_ids
 from pellucid.infer.engine import Engine
 from pellucid.infer.sampling import SamplingParams
-from pellucid.model.lora import adapters_disabled, lora_layers
-from pellucid.train.objectives import IGNORE_INDEX, reply_logprobs
+from pellucid.train.objectives import IGNORE_INDEX, reply_terms
 
 if TYPE_CHECKING:
     from pellucid.data.preferences import PromptRow
@@ -110,18 +110,6 @@ def policy_of(model: nn.Module) -> nn.Module:
     return getattr(model, "trunk", model)
 
 
-@contextlib.contextmanager
-def reference(policy: nn.Module, frozen: nn.Module | None) -> Iterator[nn.Module]:
-    """The reference model: a frozen copy when given, else (LoRA) the policy with adapters off."""
-    if frozen is not None:
-        yield frozen
-        return
-    if not lora_layers(policy):
-        raise ConfigError("the reference is the policy with adapters off: it needs LoRA layers")
-    with adapters_disabled(policy) as base:
-        yield base
-
-
 def _sampling(
     tokenizer: Tokenizer, temperature: float, max_new_tokens: int, seed: int
 ) -> SamplingParams:
@@ -170,7 +158,8 @@ class Rollouts:
     """An endless iterator of RolloutBatch: collect an iteration, yield its minibatches, repeat.
 
     model: what the trainer trains (ScalarHead(policy) for PPO, the policy for GRPO).
-    frozen_ref: a frozen copy of the starting policy; None under LoRA (the adapters-off policy).
+    reference: the frozen starting policy, anything with forward_hidden and logits
+    (align/dpo.make_reference: the policy with its adapters off under LoRA, else a frozen copy).
     rows: the prompts; reward: scores replies; batch_size: replies per RolloutBatch (a divisor
     of cfg.replies); amp: the trainer's autocast, so scoring sees the numbers training will.
     """
@@ -186,7 +175,7 @@ class Rollouts:
         *,
         batch_size: int,
         seed: int,
-        frozen_ref: nn.Module | None = None,
+        reference: Any,
         amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         if cfg.replies % batch_size:
@@ -196,14 +185,14 @@ class Rollouts:
             )
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.rows, self.reward, self.cfg = list(rows), reward, cfg
-        self.batch_size, self.seed, self.frozen_ref, self.amp = batch_size, seed, frozen_ref, amp
-        self.prompt_ids = [template.encode(tokenizer, [{"role": "user", "content": r.prompt}])
+        self.batch_size, self.seed, self.reference, self.amp = batch_size, seed, reference, amp
+        self.prompt_ids = [template.encode(tokenizer, conversation(r.prompt))
                            for r in self.rows]  # fmt: skip
         self.kl = ppo.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.iteration = 0  # iterations collected so far
         self.queue: list[RolloutBatch] = []
         self.history: list[dict[str, float]] = []  # one record per iteration collected
-        self._updated_since = 0.0  # when the latest iteration's batches started to be consumed
+        self._ready_at = 0.0  # when the latest iteration's batches were ready
 
     def __iter__(self) -> Rollouts:
         return self
@@ -221,11 +210,16 @@ class Rollouts:
     def load_state(self, state: dict[str, Any]) -> None:
         self.iteration, self.kl.value, self.queue = int(state["iteration"]), state["kl_coef"], []
 
+    def end_iteration(self) -> None:
+        """Record the update time of the latest iteration: since its batches were ready (called
+        when the next one is collected, and by the run after the last one)."""
+        if self.history and "update_s" not in self.history[-1]:
+            self.history[-1]["update_s"] = time.perf_counter() - self._ready_at
+
     def collect(self) -> list[RolloutBatch]:
         """Sample, score and batch one iteration; returns its `epochs` passes of minibatches."""
+        self.end_iteration()
         cfg, now = self.cfg, time.perf_counter()
-        if self.history and self._updated_since:
-            self.history[-1]["update_s"] = now - self._updated_since
         rng = random.Random(f"{self.seed}:{self.iteration}")
         n = cfg.prompts_per_iteration
         picks = rng.sample(range(len(self.rows)), n) if n <= len(self.rows) else rng.choices(
@@ -251,7 +245,7 @@ class Rollouts:
         }
         self.history.append(dict(stats))
         self.iteration += 1
-        self._updated_since = time.perf_counter()
+        self._ready_at = time.perf_counter()
         return self._minibatches(inputs, targets, data, stats, rng)
 
     @torch.no_grad()
@@ -269,9 +263,8 @@ class Rollouts:
                     x = inputs[i : i + self.batch_size].to(device)
                     y = targets[i : i + self.batch_size].to(device)
                     keep = y != IGNORE_INDEX
-                    logp, entropy, values = reply_logprobs(policy, x, y, head)
-                    with reference(policy, self.frozen_ref) as ref:
-                        ref_logp = reply_logprobs(ref, x, y)[0]
+                    logp, entropy, values = reply_terms(policy, x, y, head)
+                    ref_logp = reply_terms(self.reference, x, y)[0]
                     for k, v in zip(parts, (logp, entropy, values, ref_logp), strict=True):
                         parts[k].append(_spread(keep, v))
         finally:
@@ -314,28 +307,3 @@ class Rollouts:
                 cut = {k: v[idx, :T] for k, v in data.items()}
                 out.append(RolloutBatch(inputs[idx, :T], targets[idx, :T], **cut, stats=stats))
         return out
-
-
-@torch.no_grad()
-def reply_kl(
-    policy: nn.Module,
-    frozen_ref: nn.Module | None,
-    tokenizer: Tokenizer,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    seed: int,
-    batch_size: int = 16,
-) -> float:
-    """KL(policy || reference) in nats per reply: one reply sampled per prompt at temperature 1,
-    the sum over its tokens of log pi - log ref, averaged over the prompts."""
-    params = _sampling(tokenizer, 1.0, max_new_tokens, seed)
-    replies = [ids for ids, _ in sample_replies(Engine(policy, tokenizer), prompts, params)]
-    device, total = next(policy.parameters()).device, 0.0
-    for i in range(0, len(prompts), batch_size):
-        x, y = (
-            t.to(device) for t in pack(prompts[i : i + batch_size], replies[i : i + batch_size])
-        )
-        logp = reply_logprobs(policy, x, y)[0]
-        with reference(policy, frozen_ref) as ref:
-            total += (logp - reply_logprobs(ref, x, y)[0]).sum().item()
-    return total / len(prompts)

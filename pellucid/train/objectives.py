@@ -186,14 +186,15 @@ def dpo_loss(
 # --- RL: PPO and GRPO over scored replies (batches from align/rollouts.py) ----------------------
 
 
-def reply_logprobs(
+def reply_terms(
     lm: nn.Module, inputs: Tensor, targets: Tensor, head: nn.Module | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The policy's log-prob of each reply token, its entropy there, and a value head's value.
 
-    lm: a Transformer (forward_hidden, logits); inputs, targets: (B, T) int64, targets
+    lm: anything with forward_hidden and logits; inputs, targets: (B, T) int64, targets
     IGNORE_INDEX off the reply. Returns three (N,) float32 tensors over the N reply positions in
-    row-major order (values None without a head). The output head runs on those positions only.
+    row-major order (values None without a head). As in reply_logprobs, the output head runs on
+    those positions only; the value head reads the same hidden states (one trunk forward).
     """
     hidden = lm.forward_hidden(inputs)  # (B, T, C)
     keep = targets != IGNORE_INDEX
@@ -237,7 +238,7 @@ def ppo_loss(
     (V - R)^2 and (V_clipped - R)^2 / 2, V_clipped within value_clip of the rollout's value.
     Metrics: policy and value loss, clip fraction, entropy, value error, and the batch's stats.
     """
-    logp, entropy, values = reply_logprobs(model.trunk, batch.inputs, batch.targets, model.head)
+    logp, entropy, values = reply_terms(model.trunk, batch.inputs, batch.targets, model.head)
     keep = batch.targets != IGNORE_INDEX
     old_v, returns = batch.old_values[keep], batch.returns[keep]
     pg, metrics = _clipped_policy(logp, batch.old_logprobs[keep], batch.advantages[keep], clip)
@@ -269,7 +270,7 @@ def grpo_loss(
     token weighs the same, DAPO's token-level normalisation). No value head: model is the policy.
     batch: a RolloutBatch with old_logprobs, ref_logprobs and advantages (B, T).
     """
-    logp, entropy, _ = reply_logprobs(model, batch.inputs, batch.targets)
+    logp, entropy, _ = reply_terms(model, batch.inputs, batch.targets)
     keep = batch.targets != IGNORE_INDEX
     pg, metrics = _clipped_policy(logp, batch.old_logprobs[keep], batch.advantages[keep], clip)
     kl = kl_k3(logp, batch.ref_logprobs[keep])
