@@ -164,7 +164,7 @@ def build_reward(spec: str, device: torch.device) -> tuple[Reward, str | None]:
 def _check_rows(rows: list[PromptRow], path: str, reward: str, oracle: str) -> None:
     if not rows:
         raise DataError(f"{path}: no prompts")
-    if "tasks" in (reward, oracle.removeprefix("oracle:")) or reward == "oracle:task":
+    if reward in ("tasks", "oracle:task") or oracle == "task":  # these compare with the answer
         missing = next((i for i, r in enumerate(rows) if r.answer is None), None)
         if missing is not None:
             raise DataError(
@@ -233,15 +233,22 @@ def _meta(run: RLHFRun, loaded: Any, reward_model: str | None) -> dict[str, Any]
     }
 
 
-def rlhf(run: RLHFRun, out_dir: Path | None = None, *, resume: bool = False) -> RLHFResult:
-    """Train `run.policy` with PPO or GRPO into `out_dir` (or continue it with `resume`)."""
-    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(run.rl.algo)
-    if not resume and ((run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()):
-        raise ConfigError(
-            f"{run_dir} already holds a run: pass --resume {run_dir} or another --out"
-        )
-    if not run.prompts:
-        raise ConfigError("rlhf needs --prompts FILE.jsonl")
+@dataclass
+class _Parts:
+    """A run's models and data, ready for the trainer."""
+
+    loaded: Any  # the starting policy as loaded (tokenizer, template)
+    model: nn.Module  # what trains: the policy (GRPO) or ScalarHead(policy) (PPO)
+    policy: nn.Module
+    reference: Any  # the frozen start (align/dpo.make_reference)
+    reward: Reward
+    rollouts: Rollouts
+    held: list[PromptRow]
+    meta: dict[str, Any]
+
+
+def _build(run: RLHFRun) -> _Parts:
+    """Prompts, reward, policy, reference and rollouts of a run (every input checked first)."""
     rows, held = _held_out(run)
     if run.oracle:
         oracles.get_oracle(run.oracle)  # an unknown name fails now, not after training
@@ -252,18 +259,28 @@ def rlhf(run: RLHFRun, out_dir: Path | None = None, *, resume: bool = False) -> 
         raise ConfigError(f"model '{run.policy}' has no tokenizer; rlhf needs one")
     meta = _meta(run, loaded, rm_path)
     seed_everything(run.train.seed)  # LoRA's A and the value head are drawn from the run's seed
-    # What trains: the policy (GRPO), or ScalarHead(policy) whose head is the value (PPO).
-    model = adapter.build(loaded.model, meta).to(device)
+    model = adapter.build(loaded.model, meta).to(device)  # PPO: with its value head
     policy = policy_of(model)
     # The frozen start: under LoRA the policy with its adapters off, else a copy made now.
     reference = make_reference(policy)
-    dtype = resolve_dtype(run.train.dtype, device)
+    amp = partial(autocast, device, resolve_dtype(run.train.dtype, device))
     rollouts = Rollouts(
         model, loaded.tokenizer, loaded.chat_template(), rows, reward, run.rl,
-        batch_size=run.train.batch_size, seed=run.train.seed, reference=reference,
-        amp=partial(autocast, device, dtype),
+        batch_size=run.train.batch_size, seed=run.train.seed, reference=reference, amp=amp,
     )  # fmt: skip
-    rl = run.rl
+    return _Parts(loaded, model, policy, reference, reward, rollouts, held, meta)
+
+
+def rlhf(run: RLHFRun, out_dir: Path | None = None, *, resume: bool = False) -> RLHFResult:
+    """Train `run.policy` with PPO or GRPO into `out_dir` (or continue it with `resume`)."""
+    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(run.rl.algo)
+    if not resume and ((run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()):
+        raise ConfigError(
+            f"{run_dir} already holds a run: pass --resume {run_dir} or another --out"
+        )
+    if not run.prompts:
+        raise ConfigError("rlhf needs --prompts FILE.jsonl")
+    p, rl = _build(run), run.rl
     objective = (
         partial(ppo_loss, clip=rl.clip, value_clip=rl.value_clip, vf_coef=rl.vf_coef)
         if rl.algo == "ppo"
@@ -271,27 +288,27 @@ def rlhf(run: RLHFRun, out_dir: Path | None = None, *, resume: bool = False) -> 
     )
     files = {
         "config.json": json.dumps(config.to_dict(run), indent=1) + "\n",
-        adapter.META_FILE: json.dumps(meta, indent=1) + "\n",
+        adapter.META_FILE: json.dumps(p.meta, indent=1) + "\n",
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         atomic_write(run_dir / name, text)
+    scored = partial(evaluate_policy, p.policy, p.loaded, p.held, p.reward, run, p.reference)
     eval_file, t0 = run_dir / "eval.json", time.perf_counter()
     if resume and eval_file.is_file():
         before = read_json(eval_file)["before"]
     else:
-        log.info("scoring the starting policy on %d held-out prompts ...", len(held))
-        before = evaluate_policy(policy, loaded, held, reward, run, reference)
+        log.info("scoring the starting policy on %d held-out prompts ...", len(p.held))
+        before = scored()
         atomic_write(eval_file, json.dumps({"before": before}, indent=1))
-    state = train(model, objective, rollouts, run.train, run_dir, resume=resume, files=files)
-    rollouts.end_iteration()
-    after = evaluate_policy(policy, loaded, held, reward, run, reference, before["replies"])
+    state = train(p.model, objective, p.rollouts, run.train, run_dir, resume=resume, files=files)
+    p.rollouts.end_iteration()
+    after = scored(before["replies"])
     atomic_write(eval_file, json.dumps({"before": before, "after": after}, indent=1))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     plot_iterations(records, run_dir / PLOT)
-    write_report(
-        run_dir, run, meta, state, before, after, rollouts.history, time.perf_counter() - t0
-    )
+    wall = time.perf_counter() - t0
+    write_report(run_dir, run, p.meta, state, before, after, p.rollouts.history, wall)
     return RLHFResult(run_dir, state, before, after)
 
 
