@@ -28,6 +28,7 @@ from pellucid.model.lora import apply_lora
 from pellucid.model.transformer import Transformer
 from pellucid.tokenizer.chat import CHATML, ChatTemplate
 from pellucid.train import evaluate as train_evaluate
+from pellucid.train.distributed import World, rank_slice
 from pellucid.train.objectives import dpo_loss, pairwise_reward_loss
 from pellucid.train.trainer import TrainConfig, train
 from pellucid.weights.resolve import load
@@ -67,8 +68,8 @@ def test_bradley_terry_loss_and_accuracy_by_hand():
     batch = PreferenceBatch(
         torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 3, dtype=torch.long)
     )
-    # pairs: chosen rewards 2, 0; rejected 1, 1 -> differences +1 and -1
-    out = pairwise_reward_loss(FixedRewards([2.0, 0.0, 1.0, 1.0]), batch)
+    # rows interleaved (chosen, rejected): pairs (2 vs 1) and (0 vs 1) -> differences +1 and -1
+    out = pairwise_reward_loss(FixedRewards([2.0, 1.0, 0.0, 1.0]), batch)
     by_hand = math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))
     assert out.loss_sum.item() == pytest.approx(by_hand, rel=1e-6)
     assert out.n_targets == 2
@@ -101,6 +102,21 @@ def test_dpo_loss_by_hand():
     assert out.metrics["margin"] == pytest.approx(z, rel=1e-5)
     assert out.metrics["reward_accuracy"] == float(z > 0)
     assert out.n_targets == 1
+
+
+def test_a_ranks_slice_of_a_preference_batch_holds_whole_pairs():
+    tok = h.tokenizer()
+    pairs = [PreferencePair(f"Is {i} even?", f"yes {i}", f"no {i} no") for i in range(4)]
+    enc = [p.__class__(p.chosen, p.rejected, (-1.0 * i, -2.0 * i)) for i, p in
+           enumerate(encode_pairs(pairs, TEMPLATE, tok, 100))]  # fmt: skip
+    batch = collate_pairs(enc)
+    assert batch.n_targets == 4
+    second = rank_slice(batch, World(rank=1, size=2))  # what rank 1 of 2 trains on
+    assert second.n_targets == 2
+    assert second.ref_logps.tolist() == [-2.0, -4.0, -3.0, -6.0]
+    whole = collate_pairs(enc[2:])
+    width = whole.inputs.shape[1]
+    torch.testing.assert_close(second.inputs[:, :width], whole.inputs)
 
 
 def _dpo_setup(files, lora):
@@ -210,6 +226,7 @@ def _align_run(files, out, task, *extra, lora=True, data="pairs.jsonl"):
     return finetune.finetune(run, out)
 
 
+@pytest.mark.slow
 def test_reward_run_learns_pairs_and_is_a_model_spec(files, tmp_path, capsys):
     out = tmp_path / "rm"
     code = main(["reward", "train", "--model", str(files / "base"), "--data",
@@ -235,6 +252,7 @@ def test_reward_run_learns_pairs_and_is_a_model_spec(files, tmp_path, capsys):
     assert "is not a reward model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_dpo_run_resumes_and_reports_its_lineage(files, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say hi in exactly {n} words."}) + "\n"
@@ -269,6 +287,7 @@ def test_dpo_run_resumes_and_reports_its_lineage(files, tmp_path, capsys):
     assert "| 1 | dpo (lora) |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_full_dpo_with_precomputed_reference_keeps_no_copy(files, tmp_path):
     out = _align_run(files, tmp_path / "full", "dpo", "train.max_steps=2", "train.batch_size=4",
                      "dpo.precompute_ref=true", "train.lr=1e-4", lora=False).run_dir  # fmt: skip
@@ -289,3 +308,28 @@ def test_bad_pairs_file_fails_with_its_line(files, tmp_path, capsys):
     assert f"{bad}:2: fields 'chosen' and 'rejected' are the same text" in capsys.readouterr().err
     assert main(["dpo", "--model", str(files / "base"), "--data", str(bad), "dpo.beta=-1"]) == 2
     assert "dpo.beta" in capsys.readouterr().err
+
+
+def test_lineage_walks_parents_and_reward_models(tmp_path):
+    from pellucid.align.report import lineage
+    from pellucid.errors import ConfigError
+
+    def run(name, task, base, **extra):
+        d = tmp_path / name
+        d.mkdir()
+        meta = {"format": "pellucid-finetune/1", "base": str(base), "base_sha256": "0" * 64,
+                "task": task, "method": "full", **extra}  # fmt: skip
+        (d / "finetune.json").write_text(json.dumps(meta))
+        return d
+
+    sft = run("sft", "sft", "smollm2-135m-instruct")
+    rm = run("rm", "reward", sft)
+    ppo = run("ppo", "ppo", sft, reward_model=str(rm))
+    line = lineage(ppo)
+    assert [(s.kind, s.spec) for s in line] == [
+        ("base", "smollm2-135m-instruct"), ("sft", str(sft)), ("reward", str(rm)),
+        ("ppo", str(ppo)),
+    ]  # fmt: skip
+    loop = run("loop", "dpo", tmp_path / "loop")
+    with pytest.raises(ConfigError, match="loops back"):
+        lineage(loop)

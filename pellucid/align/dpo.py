@@ -119,10 +119,9 @@ def with_reference(pairs: list[EncodedPair], reference: Any, batch_size: int) ->
     out: list[EncodedPair] = []
     for i, batch in enumerate(in_order(pairs, batch_size, collate_pairs)):
         b = batch.to(device)
-        logps = completion_logprobs(reference, b.inputs, b.targets).cpu()  # (2B,)
-        n = len(logps) // 2
-        chunk = pairs[i * batch_size : i * batch_size + n]
-        out += [replace(p, ref=(logps[j].item(), logps[n + j].item())) for j, p in enumerate(chunk)]
+        logps = completion_logprobs(reference, b.inputs, b.targets).tolist()  # (2B,) interleaved
+        chunk = pairs[i * batch_size : i * batch_size + len(logps) // 2]
+        out += [replace(p, ref=(logps[2 * j], logps[2 * j + 1])) for j, p in enumerate(chunk)]
     return out
 
 
@@ -151,6 +150,8 @@ def prepare(
     tok, template = loaded.tokenizer, loaded.chat_template()
     reference = make_reference(model)
     rows = data.held_rows[:eval_max] if cfg.oracle else []
+    if cfg.oracle and not rows:
+        raise ConfigError("dpo.oracle judges held-out prompts: pass --eval-data PROMPTS.jsonl")
     judge = get_oracle(cfg.oracle) if rows else None
     baseline: list[str] = []
     if judge is not None:  # the reference's own answers: what the policy has to beat
@@ -175,7 +176,8 @@ def prepare(
             won = oracle_scores(
                 m, reference, tok, template, judge, rows, baseline, cfg.max_new_tokens, mine
             )
-            out |= {k: v for k, v in won.items() if k != "replies"}
+            out |= {k: v for k, v in won.items() if k not in ("replies", "n")}
+            out["n_prompts"] = won["n"]
         return out
 
     batches = ExampleSampler(train_pairs, B, train.seed, collate_pairs)

@@ -101,8 +101,14 @@ class Yardsticks:
     def key(self, spec: str) -> str:
         """A cache key of the stage's weights and these settings."""
         weights = _weights_id(spec)
-        what = [weights, self.oracle.name if self.oracle else "", [(r.prompt, r.answer) for r in self.prompts],
-                [r.messages for r in self.tasks], self.pairs and sha256_file(self.pairs), self.max_new_tokens]  # fmt: skip
+        what = [
+            weights,
+            self.oracle.name if self.oracle else "",
+            [(r.prompt, r.answer) for r in self.prompts],
+            [r.messages for r in self.tasks],
+            self.pairs and sha256_file(self.pairs),
+            self.max_new_tokens,
+        ]
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
@@ -112,7 +118,13 @@ def _weights_id(spec: str) -> str:
     return str(checkpoints[-1].resolve()) if checkpoints else spec
 
 
-def _measure(loaded: LoadedModel, stage: Stage, base: LoadedModel, base_replies: list[str] | None, y: Yardsticks) -> dict[str, Any]:  # fmt: skip
+def _measure(
+    loaded: LoadedModel,
+    stage: Stage,
+    base: LoadedModel,
+    base_replies: list[str] | None,
+    y: Yardsticks,
+) -> dict[str, Any]:
     if stage.kind == "reward":
         if not y.pairs:
             return {}
@@ -122,8 +134,16 @@ def _measure(loaded: LoadedModel, stage: Stage, base: LoadedModel, base_replies:
     out: dict[str, Any] = {}
     if y.oracle is not None and y.prompts:
         reference = None if stage.kind == "base" else base.model
-        won = oracle_scores(loaded.model, reference, tok, template, y.oracle, y.prompts,
-                            base_replies, y.max_new_tokens)  # fmt: skip
+        won = oracle_scores(
+            loaded.model,
+            reference,
+            tok,
+            template,
+            y.oracle,
+            y.prompts,
+            base_replies,
+            y.max_new_tokens,
+        )
         out |= {k: won[k] for k in ("win_rate", "oracle_score", "kl") if k in won}
         out.setdefault("kl", 0.0)  # the base against itself
     if y.tasks:
@@ -140,17 +160,24 @@ def evaluate_line(run: str | Path, y: Yardsticks) -> list[Stage]:
     line = lineage(run)
     cache_path = Path(run) / CACHE_FILE
     cache = read_json(cache_path) if cache_path.is_file() else {}
-    base = load(line[0].spec)
-    if base.tokenizer is None:
-        raise ConfigError(f"model '{line[0].spec}' has no tokenizer; the report needs one")
-    base_replies = None
-    if y.oracle is not None and y.prompts:
-        base_replies = greedy_replies(
-            base.model, base.tokenizer, base.chat_template(), y.prompts, y.max_new_tokens
-        )
+    base, base_replies = None, None
     for stage in line:
         key = y.key(stage.spec)
         if key not in cache:
+            if base is None:  # the base, and its replies to the prompts, once per report
+                base = load(line[0].spec)
+                if base.tokenizer is None:
+                    raise ConfigError(
+                        f"model '{line[0].spec}' has no tokenizer; the report needs one"
+                    )
+                if y.oracle is not None and y.prompts:
+                    base_replies = greedy_replies(
+                        base.model,
+                        base.tokenizer,
+                        base.chat_template(),
+                        y.prompts,
+                        y.max_new_tokens,
+                    )
             log.info("measuring %s (%s) ...", stage.spec, stage.kind)
             loaded = base if stage.kind == "base" else load(stage.spec)
             cache[key] = _measure(loaded, stage, base, base_replies, y)

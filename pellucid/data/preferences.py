@@ -13,8 +13,9 @@ naming the file, the line number and the field (data/jsonl.py does the line read
 
 For training, each pair becomes two conversations (user: prompt, assistant: chosen / rejected)
 tokenized with the model's chat template (`encode_pairs`), and B pairs become ONE batch of 2B
-right-padded rows, chosen first (`collate_pairs`): the reward model and DPO run both halves
-through one forward. Targets are the reply tokens only (as in SFT); `segments` marks real tokens.
+right-padded rows, each chosen reply followed by its rejected one (`collate_pairs`): the reward
+model and DPO run both through one forward. Targets are the reply tokens only (as in SFT);
+`segments` marks the real tokens.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ class EncodedPair:
 
 @dataclass
 class PreferenceBatch(SFTBatch):
-    """B pairs as 2B rows [chosen; rejected]: inputs, targets (IGNORE_INDEX outside the replies)
-    and segments (1 real, 0 padding), all (2B, T); ref_logps (2B,) float32 when precomputed.
+    """B pairs as 2B rows (chosen, rejected, chosen, ...): inputs, targets (IGNORE_INDEX outside
+    the replies) and segments (1 real, 0 padding), all (2B, T); ref_logps (2B,) float32 when precomputed.
     One target per pair: n_targets is B, so the trainer averages the loss over pairs."""
 
     ref_logps: Tensor | None = None
@@ -166,11 +167,13 @@ def collate_rows(rows: Sequence[Encoded]) -> SFTBatch:
 
 
 def collate_pairs(pairs: Sequence[EncodedPair]) -> PreferenceBatch:
-    """B pairs -> one PreferenceBatch of 2B right-padded rows, chosen rows first."""
-    lm = collate_rows([p.chosen for p in pairs] + [p.rejected for p in pairs])
+    """B pairs -> one PreferenceBatch of 2B right-padded rows, interleaved: row 2i is pair i's
+    chosen reply, row 2i + 1 its rejected one. Any contiguous slice of an even number of rows
+    (a rank's share under torchrun, train/distributed.rank_slice) holds whole pairs."""
+    lm = collate_rows([e for p in pairs for e in (p.chosen, p.rejected)])
     ref = None
     if all(p.ref is not None for p in pairs):
-        ref = torch.tensor([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs])
+        ref = torch.tensor([x for p in pairs for x in p.ref])  # (2B,) interleaved the same way
     return PreferenceBatch(lm.inputs, lm.targets, lm.segments, ref)
 
 

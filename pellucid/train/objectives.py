@@ -102,14 +102,15 @@ def sft_loss(model: nn.Module, batch: Batch) -> LossOutput:
 
 
 # --- preferences: the reward model and DPO --------------------------------------------------------
-# A preference batch (data/finetune.py `collate_pairs`) holds B pairs as 2B rows, [chosen; rejected]:
+# A preference batch (data/preferences.py `collate_pairs`) holds B pairs as 2B rows, interleaved
+# (row 2i: pair i's chosen reply, row 2i + 1: its rejected one):
 # inputs (2B, T), targets (2B, T) (IGNORE_INDEX outside each reply), segments (2B, T) (1 real,
 # 0 padding), and its n_targets is B (one target per pair). Both halves go through ONE forward.
 
 
 def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(2B, ...) -> the chosen (B, ...) and rejected (B, ...) halves."""
-    return x[: x.shape[0] // 2], x[x.shape[0] // 2 :]
+    """(2B, ...) interleaved rows -> the chosen (B, ...) and the rejected (B, ...) ones."""
+    return x[0::2], x[1::2]
 
 
 def pairwise_reward_loss(model: nn.Module, batch: Batch) -> LossOutput:
@@ -138,7 +139,7 @@ def reply_logprobs(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def per_row_sum(values: Tensor, targets: Tensor) -> Tensor:
-    """Sum per row of values (N,) given at the non-IGNORE_INDEX positions of targets (B, T) -> (B,)."""
+    """Per-row sums (B,) of values (N,) given at the non-IGNORE_INDEX positions of targets (B, T)."""
     rows = (targets != IGNORE_INDEX).nonzero()[:, 0]  # (N,) the row of each counted position
     return torch.zeros(targets.shape[0], device=values.device).index_add(0, rows, values.float())
 
