@@ -65,6 +65,9 @@ class RLConfig:
     kl_coef: float = 0.05  # PPO: initial KL penalty beta; GRPO: beta of the loss's KL term
     kl_target: float | None = 6.0  # PPO: KL (nats per reply) the controller aims at; None: fixed
     kl_horizon: int = 10000  # PPO: samples over which the controller makes a full correction
+    # PPO: standardise each iteration's scores (mean 0, std 1) before the KL is subtracted, so
+    # beta means the same whatever the reward's scale (an oracle's -30..0, a reward model's logit)
+    normalize_scores: bool = True
 
     def __post_init__(self) -> None:
         for name in ("iterations", "prompts_per_iteration", "group_size", "max_new_tokens"):
@@ -144,6 +147,12 @@ def pack(prompts: list[list[int]], replies: list[list[int]]) -> tuple[Tensor, Te
         inputs[i, : len(row) - 1] = torch.tensor(row[:-1])
         targets[i, len(p) - 1 : len(row) - 1] = torch.tensor(row[len(p) :])
     return inputs, targets
+
+
+def _length(targets: Tensor) -> int:
+    """Columns of right-padded rows that hold a target: the last reply token's position + 1."""
+    real = (targets != IGNORE_INDEX).any(0).nonzero()
+    return int(real.max()) + 1 if len(real) else 1
 
 
 def _spread(keep: Tensor, per_token: Tensor | None) -> Tensor:
@@ -260,11 +269,12 @@ class Rollouts:
         try:
             with self.amp():
                 for i in range(0, len(inputs), self.batch_size):
-                    x = inputs[i : i + self.batch_size].to(device)
-                    y = targets[i : i + self.batch_size].to(device)
-                    keep = y != IGNORE_INDEX
+                    y = targets[i : i + self.batch_size]
+                    T = _length(y)  # this chunk's rows run only as far as its longest reply
+                    x, y = inputs[i : i + self.batch_size, :T].to(device), y[:, :T].to(device)
                     logp, entropy, values = reply_terms(policy, x, y, head)
                     ref_logp = reply_terms(self.reference, x, y)[0]
+                    keep = targets[i : i + self.batch_size] != IGNORE_INDEX
                     for k, v in zip(parts, (logp, entropy, values, ref_logp), strict=True):
                         parts[k].append(_spread(keep, v))
         finally:
@@ -273,9 +283,11 @@ class Rollouts:
         mask = targets != IGNORE_INDEX
         kl = ppo.kl_per_token(logp, ref) * mask  # (N, T)
         kl_reply = kl.sum(-1).mean().item()  # nats per reply
-        stats = {"kl": kl_reply, "kl_coef": self.kl.value,
+        stats = {"kl": kl_reply, "kl_coef": self.kl.value, "score_std": scores.std(correction=0).item(),
                  "rollout_entropy": (entropy.sum() / mask.sum()).item()}  # fmt: skip
         if cfg.algo == "ppo":
+            if cfg.normalize_scores:
+                scores = ppo.whiten(scores, torch.ones_like(scores, dtype=torch.bool))
             rewards = ppo.token_rewards(scores, kl, mask, self.kl.value)
             advantages, returns = ppo.gae(rewards, values, mask, cfg.gamma, cfg.lam)
             advantages = ppo.whiten(advantages, mask)
@@ -283,7 +295,6 @@ class Rollouts:
         else:
             advantages = ppo.group_advantages(scores, cfg.group_size).unsqueeze(-1) * mask
             returns = torch.zeros_like(values)
-        stats["score_std"] = scores.std().item() if len(scores) > 1 else 0.0
         return {"old_logprobs": logp, "ref_logprobs": ref, "advantages": advantages,
                 "returns": returns, "old_values": values, "stats": stats}  # fmt: skip
 
@@ -302,8 +313,7 @@ class Rollouts:
             rng.shuffle(order)
             for i in range(0, len(order), self.batch_size):
                 idx = torch.tensor(order[i : i + self.batch_size])
-                real = (targets[idx] != IGNORE_INDEX).any(0).nonzero()
-                T = int(real.max()) + 1 if len(real) else 1
+                T = _length(targets[idx])
                 cut = {k: v[idx, :T] for k, v in data.items()}
                 out.append(RolloutBatch(inputs[idx, :T], targets[idx, :T], **cut, stats=stats))
         return out
