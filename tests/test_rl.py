@@ -201,6 +201,11 @@ def test_rollouts_yield_epochs_of_minibatches_scored_at_the_rollout_policy():
     out = ppo_loss(model, batches[0])
     assert out.metrics["approx_kl"] < 1e-10 and out.metrics["clip_frac"] == 0.0  # ratio 1
     assert rollouts.state() == {"iteration": 1, "kl_coef": rollouts.kl.value}
+    next(rollouts)  # mid-iteration, a checkpoint names the iteration in progress: resumed, it is
+    assert rollouts.state()["iteration"] == 1  # sampled again with the weights of that moment
+    rollouts.load_state({"iteration": 1, "kl_coef": 0.5})
+    assert not rollouts.queue and rollouts.kl.value == 0.5
+    assert next(rollouts).stats["iteration"] == 1
 
 
 def test_grpo_rollouts_advantages_sum_to_zero_per_group():

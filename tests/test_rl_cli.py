@@ -80,3 +80,10 @@ def test_unknown_oracle_fails_before_loading_a_model(tmp_path, base):
     code = main(["rlhf", "--policy", str(base), "--prompts", str(tmp_path / "p.jsonl"),
                  "--reward", "oracle:sentencez", "--out", str(tmp_path / "o")])  # fmt: skip
     assert code == 2
+
+
+def test_a_reward_spec_that_is_no_reward_model_is_refused(base, tmp_path, capsys):
+    code = main(["rlhf", "--policy", str(base), "--prompts", str(tmp_path / "p.jsonl"),
+                 "--reward", str(base), "--out", str(tmp_path / "o"), *SMALL])  # fmt: skip
+    assert code == 2
+    assert "is not a reward model" in capsys.readouterr().err
