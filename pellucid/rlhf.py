@@ -17,8 +17,8 @@ The reference is the starting policy, frozen: under LoRA the same weights with t
 (no second copy). PPO trains ScalarHead(policy), whose head is the value function; GRPO trains
 the policy alone. Before and after training, greedy replies to held-out prompts are scored:
 exact match (prompts with answers), the reward, the oracle's win rate of the new replies against
-the starting model's (ties half), and the KL of sampled replies to the reference. The run
-directory is a model spec like any other and holds
+the starting model's (ties half), and the KL to the reference along the replies (as DPO is
+measured, align/evaluate.py). The run directory is a model spec like any other and holds
 
     config.json  finetune.json  metrics.jsonl  rl.png  eval.json  report.md  checkpoints/step_*/
 """
@@ -81,7 +81,7 @@ class RLHFRun:
     eval_prompts: str = ""  # held-out prompts; "" holds out eval_max rows of `prompts`
     eval_max: int = 32  # held-out prompts answered before and after
     oracle: str = ""  # judge of the held-out win rate against the starting model ("": none)
-    save_every: int = 5  # iterations between checkpoints
+    save_every: int = 5  # iterations between checkpoints (0: only at the end)
     rl: RLConfig = field(default_factory=RLConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -182,6 +182,8 @@ def evaluate_policy(
     """Greedy replies to the held-out rows, their reward and exact match (rows with answers);
     with `baseline` (the starting model's replies) also the KL to the reference along them and
     the oracle's win rate over the baseline (align/evaluate.py, as DPO reports them)."""
+    if not rows:
+        return {"n": 0, "replies": []}
     tok, template = loaded.tokenizer, loaded.chat_template()
     replies = greedy_replies(policy, tok, template, rows, run.rl.max_new_tokens)
     scores = reward(rows, replies)
@@ -364,7 +366,8 @@ def plot_iterations(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _fmt(scores: dict[str, Any]) -> str:
+def format_scores(scores: dict[str, Any]) -> str:
+    """'exact_match 0.4844, win_rate 0.7500, ...': the held-out numbers a run has."""
     keys = ("exact_match", "win_rate", "reward", "kl")
     return ", ".join(f"{k} {scores[k]:.4f}" for k in keys if isinstance(scores.get(k), float))
 
@@ -383,8 +386,8 @@ def write_report(
         f"# {run_dir.name}: {run.rl.algo.upper()} ({meta['method']})",
         "",
         "## Result (greedy replies to the held-out prompts)",
-        f"- before: {_fmt(before)}",
-        f"- after:  {_fmt(after)}  ({state.step} steps, {run.rl.iterations} iterations)",
+        f"- before: {format_scores(before)}",
+        f"- after:  {format_scores(after)}  ({state.step} steps, {run.rl.iterations} iterations)",
         f"- curves: ![rl]({PLOT}) (per-step numbers in `metrics.jsonl`, replies in `eval.json`)",
         "",
         "## Lineage",

@@ -6,6 +6,7 @@ import json
 import finetune_helpers as fh
 import pytest
 
+from pellucid.align.report import lineage
 from pellucid.cli import main
 from pellucid.errors import ConfigError, DataError
 from pellucid.rlhf import load_rlhf_config, rlhf
@@ -46,6 +47,8 @@ def test_rlhf_runs_and_resumes(base, tmp_path, capsys, algo):
         assert all(key in r for r in records), key
     if algo == "ppo":
         assert all("value_error" in r for r in records)
+    # finetune.json names the parent, so `pellucid report` finds the whole line.
+    assert [stage.kind for stage in lineage(str(out))] == ["base", algo]
     # The run directory is a model spec: the policy, its adapters merged (PPO's value head aside).
     gen = ["generate", "--model", str(out), "Is 3 even or odd?", "--max-new-tokens", "3"]
     assert main(gen) == 0

@@ -49,8 +49,8 @@ def cmd_rlhf(args: argparse.Namespace) -> int:
         emit_json({k: {n: v for n, v in s.items() if n not in drop}
                    for k, s in (("before", result.before), ("after", result.after))})  # fmt: skip
         return 0
-    print(f"before: {rlhf._fmt(result.before)}")
-    print(f"after:  {rlhf._fmt(result.after)}  ({result.state.step} steps)")
+    print(f"before: {rlhf.format_scores(result.before)}")
+    print(f"after:  {rlhf.format_scores(result.after)}  ({result.state.step} steps)")
     print(f"run directory: {result.run_dir} (a model spec: pellucid chat --model {result.run_dir})")
     print(f"  report: {result.run_dir / 'report.md'}")
     return 0
