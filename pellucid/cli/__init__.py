@@ -20,6 +20,7 @@ from pellucid.cli.explain import add_explain, add_explain_train
 from pellucid.cli.finetune import add_eval, add_finetune
 from pellucid.cli.generate import add_chat, add_export, add_generate
 from pellucid.cli.ladder import add_ladder
+from pellucid.cli.rl import add_rlhf
 from pellucid.cli.serve import add_serve
 from pellucid.cli.train import add_demo, add_train
 from pellucid.errors import PellucidError
@@ -36,6 +37,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_explain_train,
     add_finetune,
     add_eval,
+    add_rlhf,
     add_serve,
     add_reward,
     add_dpo,

@@ -182,3 +182,102 @@ def dpo_loss(
         "rejected_reward": rejected.mean().item(),
     }
     return LossOutput(-F.logsigmoid(diff).sum(), batch.n_targets, metrics)
+
+
+# --- RL: PPO and GRPO over scored replies (batches from align/rollouts.py) ----------------------
+
+
+def reply_terms(
+    lm: nn.Module, inputs: Tensor, targets: Tensor, head: nn.Module | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The policy's log-prob of each reply token, its entropy there, and a value head's value.
+
+    lm: anything with forward_hidden and logits; inputs, targets: (B, T) int64, targets
+    IGNORE_INDEX off the reply. Returns three (N,) float32 tensors over the N reply positions in
+    row-major order (values None without a head). As in reply_logprobs, the output head runs on
+    those positions only; the value head reads the same hidden states (one trunk forward).
+    """
+    hidden = lm.forward_hidden(inputs)  # (B, T, C)
+    keep = targets != IGNORE_INDEX
+    h = hidden[keep]  # (N, C)
+    logp_all = torch.log_softmax(lm.logits(h).float(), dim=-1)  # (N, V)
+    logp = logp_all.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    values = head(h).squeeze(-1).float() if head is not None else None
+    return logp, entropy, values
+
+
+def _clipped_policy(
+    logp: Tensor, old: Tensor, advantages: Tensor, clip: float
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO's clipped surrogate per token, (N,), to minimise: the pessimistic (larger) of the
+    unclipped and clipped -ratio * A, so a step gains nothing from moving the ratio past 1 +- clip.
+    """
+    ratio = torch.exp(logp - old)
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    with torch.no_grad():
+        metrics = {
+            "clip_frac": ((ratio - 1).abs() > clip).float().mean().item(),
+            "approx_kl": (0.5 * (logp - old) ** 2).mean().item(),  # policy moved from rollout
+        }
+    return loss, metrics
+
+
+def ppo_loss(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    clip: float = 0.2,
+    value_clip: float = 0.2,
+    vf_coef: float = 0.1,
+) -> LossOutput:
+    """Clipped policy loss + vf_coef x clipped value loss, summed over reply tokens.
+
+    model: ScalarHead(policy): `trunk` the policy, `head` its value head (one scalar per
+    position, read where the next reply token is predicted). batch: a RolloutBatch with
+    old_logprobs, advantages, returns, old_values (B, T). The value loss is the larger of
+    (V - R)^2 and (V_clipped - R)^2 / 2, V_clipped within value_clip of the rollout's value.
+    Metrics: policy and value loss, clip fraction, entropy, value error, and the batch's stats.
+    """
+    logp, entropy, values = reply_terms(model.trunk, batch.inputs, batch.targets, model.head)
+    keep = batch.targets != IGNORE_INDEX
+    old_v, returns = batch.old_values[keep], batch.returns[keep]
+    pg, metrics = _clipped_policy(logp, batch.old_logprobs[keep], batch.advantages[keep], clip)
+    v_clipped = old_v + (values - old_v).clamp(-value_clip, value_clip)
+    vf = 0.5 * torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
+    metrics |= {
+        "policy_loss": pg.mean().item(),
+        "value_loss": vf.mean().item(),
+        "value_error": ((values - returns) ** 2).mean().item(),
+        "entropy": entropy.mean().item(),
+    }
+    return LossOutput((pg + vf_coef * vf).sum(), batch.n_targets, metrics | batch.stats)
+
+
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Schulman's "k3" estimate of KL(pi || ref) per token: exp(d) - d - 1, d = log ref - log pi.
+
+    Unbiased under samples from pi, never negative, and its gradient pulls pi towards ref.
+    """
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(
+    model: nn.Module, batch: Batch, *, clip: float = 0.2, beta: float = 0.04
+) -> LossOutput:
+    """GRPO (DeepSeekMath): the clipped policy loss with each reply's group-relative advantage
+    on all its tokens, plus beta x the k3 KL to the reference, summed over reply tokens (each
+    token weighs the same, DAPO's token-level normalisation). No value head: model is the policy.
+    batch: a RolloutBatch with old_logprobs, ref_logprobs and advantages (B, T).
+    """
+    logp, entropy, _ = reply_terms(model, batch.inputs, batch.targets)
+    keep = batch.targets != IGNORE_INDEX
+    pg, metrics = _clipped_policy(logp, batch.old_logprobs[keep], batch.advantages[keep], clip)
+    kl = kl_k3(logp, batch.ref_logprobs[keep])
+    metrics |= {
+        "policy_loss": pg.mean().item(),
+        "kl_k3": kl.mean().item(),
+        "entropy": entropy.mean().item(),
+    }
+    return LossOutput((pg + beta * kl).sum(), batch.n_targets, metrics | batch.stats)

@@ -72,7 +72,7 @@ def build(base: Transformer, meta: dict[str, Any]) -> nn.Module:
     if meta["task"] == "classify":
         model = Classifier(base, len(meta["labels"]))
         train_last_blocks(model, int(meta.get("train_last", -1)))
-    if meta["task"] == "reward":
+    if meta["task"] in ("reward", "ppo"):  # PPO trains its value head on the policy
         model = ScalarHead(base)
     if meta["method"] == "lora":
         lora = meta["lora"]

@@ -212,7 +212,7 @@ def _load_finetuned(
         p.requires_grad_(True)  # as every loaded model: frozen-ness was the training run's
     model.eval()
     clf = headed if isinstance(headed, Classifier) else None
-    rm = headed if isinstance(headed, ScalarHead) else None
+    rm = headed if isinstance(headed, ScalarHead) and meta["task"] == "reward" else None
     return LoadedModel(
         trunk, base.tokenizer, base.template, folder, "finetune", clf, meta.get("labels"), meta, rm
     )
