@@ -18,6 +18,7 @@ from pellucid.cli.data import add_data, add_tokenizer
 from pellucid.cli.explain import add_explain, add_explain_train
 from pellucid.cli.finetune import add_eval, add_finetune
 from pellucid.cli.generate import add_chat, add_export, add_generate
+from pellucid.cli.rank import add_prefs, add_rank
 from pellucid.cli.serve import add_serve
 from pellucid.cli.train import add_demo, add_train
 from pellucid.errors import PellucidError
@@ -35,6 +36,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_finetune,
     add_eval,
     add_serve,
+    add_rank,
+    add_prefs,
 ]
 
 
