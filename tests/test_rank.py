@@ -140,6 +140,7 @@ BAD_LINES = [  # (bad line, what the one-line error must say about line 3)
     ("{not json", "pairs.jsonl:3: not valid JSON"),
     ('{"prompt": "p", "chosen": "a", "rejected": "a"}', "pairs.jsonl:3: fields 'chosen' and"),
     ('{"prompt": "p", "chosen": "a"}', "pairs.jsonl:3: field 'rejected'"),
+    ('{"prompt": "p", "chosen": "", "rejected": "a"}', "pairs.jsonl:3: field 'chosen' is empty"),
     ('{"prompt": "p", "chosen": 5, "rejected": "a"}', "pairs.jsonl:3: field 'chosen' must be"),
     ('["p", "a", "b"]', "pairs.jsonl:3: expected a JSON object"),
     ('{"prompt": "p", "chosen": "\\ud800", "rejected": "a"}', "pairs.jsonl:3: a response is not"),
@@ -235,6 +236,8 @@ def test_the_api_refuses_bad_rankings_with_a_400_naming_the_problem(api):
         assert res.status_code == 400, body
         assert message in res.json()["error"]["message"]
     assert client.post("/v1/rank", content=b"[1]").status_code == 400
+    huge = {"prompt_id": pid, "order": [ids], "pad": "x" * (10 << 20)}
+    assert client.post("/v1/rank", json=huge).status_code == 413  # the server's body limit
     assert client.get("/v1/rank/next?ranker=import:x").status_code == 400
     assert store.counts()["rankings"] == 0
 

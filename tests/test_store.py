@@ -372,7 +372,7 @@ def test_concurrent_writers_never_see_database_is_locked(tmp_path):
     path = tmp_path / "s.sqlite"
     Store(path).close()
     seconds, errors, acked = float(os.environ.get("PELLUCID_B11_SECONDS", 3)), [], []
-    stop = threading.Event()
+    stop, reading, reads = threading.Event(), threading.Event(), []
 
     def thread_writer(name):
         with Store(path) as store:
@@ -388,14 +388,22 @@ def test_concurrent_writers_never_see_database_is_locked(tmp_path):
                     errors.append(repr(e))
             acked.append(n)
 
-    def reader():
+    def reader():  # the page's API, reading while everyone writes
+        from fastapi import FastAPI
+        from fastapi.testclient import TestClient
+
+        from pellucid.serve.rank import RankState, mount_rank
+
         with Store(path) as store:
-            while not stop.is_set():
-                try:
-                    store.next_prompt("t0", 1)
-                    sum(1 for _ in store.rankings("t1"))
-                except Exception as e:
-                    errors.append(repr(e))
+            app = FastAPI()
+            mount_rank(app, RankState(store, 1, "tiny", "t0"))
+            with TestClient(app) as client:
+                while not stop.is_set():
+                    res = client.get("/v1/rank/next?ranker=reader")
+                    if res.status_code != 200:
+                        errors.append(res.text)
+                    reads.append(res.json()["remaining"])
+                    reading.set()
 
     procs = [writer(path, f"p{i}", 10**6, k=2, seconds=seconds) for i in range(2)]
     for p in procs:
@@ -404,6 +412,7 @@ def test_concurrent_writers_never_see_database_is_locked(tmp_path):
     threads.append(threading.Thread(target=reader))
     for t in threads:
         t.start()
+    assert reading.wait(60)  # the reader is up (a loaded machine starts threads slowly)
     time.sleep(seconds)
     stop.set()
     for t in threads:
@@ -421,3 +430,4 @@ def test_concurrent_writers_never_see_database_is_locked(tmp_path):
         assert store.integrity() == "ok"
     assert total == sum(acked) + proc_acked  # every acknowledged write, and nothing else
     assert sum(acked) > 0 and proc_acked > 0  # both threads and processes got to write
+    assert len(reads) > 1 and reads == sorted(reads)  # the page saw the queue grow, never shrink
