@@ -57,6 +57,14 @@ def inert(text: str) -> str:
     return "".join(c if c.isprintable() or c in "\n\t" else ascii(c)[1:-1] for c in text)
 
 
+def login_name() -> str:
+    """Who is ranking when --ranker is not given: the login name, if the system knows one."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user with no passwd entry and no $USER
+        return "anonymous"
+
+
 def cmd_rank(args: argparse.Namespace) -> int:
     from pellucid.align.oracle import get_oracle
     from pellucid.align.rank import rank_with_oracle, sample_into
@@ -67,7 +75,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
     rows = read_prompts(args.prompts)  # every flag and file checked before the model loads
     oracle = get_oracle(args.oracle) if args.oracle else None
-    ranker = args.ranker or getpass.getuser()
+    ranker = args.ranker or login_name()
     if oracle is None and ranker_kind(ranker) != "person":
         raise ConfigError(f"--ranker {ranker!r}: names starting 'oracle:'/'import:' are reserved")
     if not 0 <= args.port <= 65535:
