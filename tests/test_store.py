@@ -100,6 +100,8 @@ def test_a_foreign_or_newer_file_is_refused_in_one_line(tmp_path):
         Store(other)
     with pytest.raises(DataError, match="no such ranking store"):
         Store(tmp_path / "missing.sqlite", create=False)
+    with pytest.raises(DataError, match="cannot open it"):
+        Store(tmp_path / "no" / "folder" / "s.sqlite")
 
 
 HOSTILE = [

@@ -194,14 +194,24 @@ class Store:
                 isolation_level=None,
                 check_same_thread=False,
             )
-            self.db.execute("PRAGMA busy_timeout = 30000")  # = BUSY_TIMEOUT_S, in ms
-            self.db.execute("PRAGMA foreign_keys = ON")
-            self.db.execute("PRAGMA synchronous = FULL")
-            if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                self.db.execute("PRAGMA journal_mode = WAL")
-            self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise DataError(f"{self.path}: not a usable ranking store ({e})") from None
+        except sqlite3.Error as e:  # e.g. its folder does not exist
+            raise DataError(f"{self.path}: cannot open it ({e})") from None
+        try:
+            self._setup()
+        except BaseException as e:
+            self.db.close()
+            if isinstance(e, sqlite3.DatabaseError):
+                raise DataError(f"{self.path}: not a usable ranking store ({e})") from None
+            raise
+
+    def _setup(self) -> None:
+        """The connection's settings (SQLite keeps none of these but WAL), then the schema."""
+        self.db.execute("PRAGMA busy_timeout = 30000")  # = BUSY_TIMEOUT_S, in ms
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self.db.execute("PRAGMA synchronous = FULL")
+        if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            self.db.execute("PRAGMA journal_mode = WAL")
+        self._migrate()
 
     def _migrate(self) -> None:
         with self._write() as db:
