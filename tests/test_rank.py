@@ -136,6 +136,19 @@ def test_the_oracle_ranks_every_prompt_and_its_pairs_agree_with_its_scores(tmp_p
     assert (tmp_path / "pairs.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
 
 
+def test_export_leaves_out_pairs_with_an_empty_reply_and_counts_them(tmp_path):
+    with Store(tmp_path / "s.sqlite") as store:
+        model = store.add_model("m", {})
+        prompt = store.add_prompt("p")
+        ids = store.add_responses(prompt, model, ["good", "", "ok", "ok"])
+        store.save_ranking(prompt, model, "ada", {ids[0]: 0, ids[1]: 2, ids[2]: 1, ids[3]: 0})
+        counts = export_pairs(store, tmp_path / "pairs.jsonl")
+    got = [(p.chosen, p.rejected) for p in read_pairs(tmp_path / "pairs.jsonl")]
+    # "ok" (#4) over "ok" (#3) is no preference at all: the same text on both sides
+    assert sorted(got) == [("good", "ok")]
+    assert counts == {"rankings": 1, "pairs": 1, "left_out_empty": 2}  # ("good", ""), ("ok", "")
+
+
 BAD_LINES = [  # (bad line, what the one-line error must say about line 3)
     ("{not json", "pairs.jsonl:3: not valid JSON"),
     ('{"prompt": "p", "chosen": "a", "rejected": "a"}', "pairs.jsonl:3: fields 'chosen' and"),

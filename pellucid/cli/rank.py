@@ -185,13 +185,10 @@ def cmd_prefs(args: argparse.Namespace) -> int:
         if args.json:
             emit_json(counts)
         else:
+            left = counts["left_out_empty"]
+            note = f" ({left} with an empty reply left out)" if left else ""
             print(
-                f"wrote {counts['pairs']} pairs from {counts['rankings']} rankings to {args.out}"
-                + (
-                    f" ({counts['left_out_empty']} with an empty reply left out)"
-                    if counts["left_out_empty"]
-                    else ""
-                )
+                f"wrote {counts['pairs']} pairs from {counts['rankings']} rankings to {args.out}{note}"
             )
         return 0
     with Store(args.db) as store:
