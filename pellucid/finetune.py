@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 
 from pellucid import config
+from pellucid.align.dpo import DPOConfig
 from pellucid.data.datasets import resolve_dataset
 from pellucid.data.finetune import (
     ExampleSampler,
@@ -89,12 +90,13 @@ class LoraConfig:
 class FinetuneRun:
     """A whole fine-tuning run."""
 
-    task: Literal["sft", "classify"] = "sft"
+    task: Literal["sft", "classify", "reward", "dpo"] = "sft"
     model: str = DEFAULT_MODEL  # the base: any model spec (loaded in float32)
     data: str = ""  # training JSONL (or a registered dataset name)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # task "dpo" only
 
 
 # Fine-tuning starts from a trained model: a short warmup, few steps, no weight decay, and a
@@ -164,7 +166,39 @@ class _Prepared:
     n_train: int
 
 
+def _base(run: FinetuneRun, labels: list[str] | None) -> tuple[LoadedModel, dict, Any]:
+    """The base model (float32: training never touches quantized weights), the run's
+    finetune.json metadata, and the module tree to train (head, LoRA) built over the base."""
+    loaded = load(run.model)
+    if loaded.tokenizer is None:
+        raise ConfigError(f"model '{run.model}' has no tokenizer; fine-tuning needs one")
+    meta = _meta(run, _base_id(run.model, loaded), adapter.spec_sha256(loaded.source), labels)
+    seed_everything(run.train.seed)  # LoRA's A and a head are drawn from the run's seed
+    return loaded, meta, adapter.build(loaded.model, meta)
+
+
+def _prepare_pairs(run: FinetuneRun) -> _Prepared:
+    """Reward-model and DPO runs (align/): preference pairs, split by prompt."""
+    from pellucid.align import dpo, reward
+    from pellucid.align.pairs import read_pair_data
+
+    ft = run.finetune
+    loaded, meta, model = _base(run, None)
+    d = read_pair_data(
+        run.data, ft.eval_data, held_pairs=run.task == "reward", val_fraction=ft.val_fraction,
+        seed=run.train.seed, tokenizer=loaded.tokenizer, template=loaded.chat_template(),
+        max_len=min(ft.max_len or 1024, loaded.model.cfg.context_len), truncate=ft.truncate,
+    )  # fmt: skip
+    if run.task == "reward":
+        parts = reward.prepare(model, d, run.train)
+    else:
+        parts = dpo.prepare(model, loaded, d, run.train, run.dpo, ft.eval_max)
+    return _Prepared(model, *parts, meta, d.data, d.held_out, len(d.train))
+
+
 def _prepare(run: FinetuneRun) -> _Prepared:
+    if run.task in ("reward", "dpo"):
+        return _prepare_pairs(run)
     ft, seed = run.finetune, run.train.seed
     shapes = LM_SHAPES if run.task == "sft" else ("classification",)
     data = read_jsonl(_data_path(run.data), shapes)
@@ -175,15 +209,10 @@ def _prepare(run: FinetuneRun) -> _Prepared:
         log.info("dropped %d training rows that also occur in %s", n_dropped, held.path)
     if not train_rows:
         raise DataError(f"{data.path}: no training rows left after the split")
-    loaded = load(run.model)  # float32: training never touches quantized weights
-    if loaded.tokenizer is None:
-        raise ConfigError(f"model '{run.model}' has no tokenizer; fine-tuning needs one")
+    labels = data.labels if run.task == "classify" else None
+    loaded, meta, model = _base(run, labels)
     tok, template = loaded.tokenizer, loaded.chat_template()
     max_len = min(ft.max_len or 1024, loaded.model.cfg.context_len)
-    labels = data.labels if run.task == "classify" else None
-    meta = _meta(run, _base_id(run.model, loaded), adapter.spec_sha256(loaded.source), labels)
-    seed_everything(seed)  # LoRA's A and a head are drawn from the run's seed
-    model = adapter.build(loaded.model, meta)
     B = run.train.batch_size
     if run.task == "sft":
         enc = encode_lm(train_rows, template, tok, max_len, ft.truncate)
@@ -291,7 +320,8 @@ def resume(run_dir: Path, assignments: list[str] | None = None) -> FinetuneResul
 
 
 def _fmt(scores: dict[str, Any]) -> str:
-    keys = ("exact_match", "accuracy", "macro_f1", "loss", "perplexity", "bits_per_byte")
+    keys = ("exact_match", "accuracy", "macro_f1", "loss", "perplexity", "bits_per_byte",
+            "pairwise_accuracy", "margin", "reward_accuracy", "win_rate", "kl")  # fmt: skip
     parts = [f"{k} {scores[k]:.4f}" for k in keys if isinstance(scores.get(k), float)]
     return ", ".join(parts) or "n/a"
 
@@ -354,11 +384,16 @@ def evaluate_file(
 
     chat / instruction / prompt-completion: assistant-token loss, perplexity, bits per byte;
     task: those and the exact match of greedy answers; classification (a classify run only):
-    accuracy, macro-F1, confusion matrix. `limit` > 0 scores the first `limit` rows only.
+    accuracy, macro-F1, confusion matrix; a reward model on preference pairs: pairwise accuracy
+    and margin. `limit` > 0 scores the first `limit` rows only.
     """
+    loaded = load(spec or DEFAULT_MODEL)
+    if loaded.reward_model is not None:  # a reward model scores preference pairs
+        from pellucid.align.reward import evaluate_pairs
+
+        return evaluate_pairs(loaded, str(spec), path, batch_size)
     data = read_jsonl(_data_path(path))
     records = data.records[:limit] if limit > 0 else data.records
-    loaded = load(spec or DEFAULT_MODEL)
     if loaded.tokenizer is None:
         raise ConfigError(f"model '{spec}' has no tokenizer to read the data with")
     tok, ctx = loaded.tokenizer, loaded.model.cfg.context_len

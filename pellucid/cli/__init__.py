@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from pellucid import __version__
+from pellucid.cli.align import add_dpo, add_report, add_reward
 from pellucid.cli.data import add_data, add_tokenizer
 from pellucid.cli.explain import add_explain, add_explain_train
 from pellucid.cli.finetune import add_eval, add_finetune
@@ -38,6 +39,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_serve,
     add_rank,
     add_prefs,
+    add_reward,
+    add_dpo,
+    add_report,
 ]
 
 

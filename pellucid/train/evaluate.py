@@ -11,6 +11,7 @@ comparable on the same file.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import unicodedata
@@ -115,6 +116,31 @@ def normalize_answer(text: str) -> str:
     return text.rstrip(_FINAL_PUNCT + " ")
 
 
+def replies(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    params: SamplingParams,
+    batch_size: int = 16,
+) -> list[str]:
+    """The model's reply to each prompt conversation (the Engine, `batch_size` at a time).
+
+    Reply i is sampled with seed params.seed + i (when a seed is set), however it is batched.
+    """
+    engine = Engine(model, tokenizer)
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = [template.encode(tokenizer, p) for p in prompts[i : i + batch_size]]
+        seed = None if params.seed is None else params.seed + i
+        texts = [""] * len(chunk)
+        for steps in engine.generate(chunk, dataclasses.replace(params, seed=seed)):
+            for step in steps:
+                texts[step.row] += step.text
+        out += texts
+    return out
+
+
 def greedy_answers(
     model: nn.Module,
     tokenizer: Tokenizer,
@@ -124,19 +150,10 @@ def greedy_answers(
     batch_size: int = 16,
 ) -> list[str]:
     """The model's greedy reply to each prompt conversation (the Engine, batched)."""
-    engine = Engine(model, tokenizer)
     params = SamplingParams(
         temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer)
     )
-    out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = [template.encode(tokenizer, p) for p in prompts[i : i + batch_size]]
-        texts = [""] * len(chunk)
-        for steps in engine.generate(chunk, params):
-            for step in steps:
-                texts[step.row] += step.text
-        out += texts
-    return out
+    return replies(model, tokenizer, template, prompts, params, batch_size)
 
 
 def exact_match(

@@ -99,3 +99,85 @@ def sft_loss(model: nn.Module, batch: Batch) -> LossOutput:
     logits = model.logits(hidden[keep])  # (N, V) for the N loss-carrying positions
     loss_sum = F.cross_entropy(logits.float(), batch.targets[keep], reduction="sum")
     return LossOutput(loss_sum, batch.n_targets)
+
+
+# --- preferences: the reward model and DPO --------------------------------------------------------
+# A preference batch (data/finetune.py `collate_pairs`) holds B pairs as 2B rows, [chosen; rejected]:
+# inputs (2B, T), targets (2B, T) (IGNORE_INDEX outside each reply), segments (2B, T) (1 real,
+# 0 padding), and its n_targets is B (one target per pair). Both halves go through ONE forward.
+
+
+def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(2B, ...) -> the chosen (B, ...) and rejected (B, ...) halves."""
+    return x[: x.shape[0] // 2], x[x.shape[0] // 2 :]
+
+
+def pairwise_reward_loss(model: nn.Module, batch: Batch) -> LossOutput:
+    """Bradley-Terry: -log sigmoid(r_chosen - r_rejected), summed over the B pairs.
+
+    The model (a ScalarHead) gives each row's reward at its last real token. Under Bradley-Terry
+    p(chosen preferred) = sigmoid(r_c - r_r), so this is the pairs' negative log-likelihood.
+    Metrics: pairwise_accuracy (share of pairs with r_c > r_r) and margin (mean r_c - r_r).
+    """
+    rewards = model.reward(batch.inputs, segments=batch.segments)  # (2B,)
+    chosen, rejected = _halves(rewards.float())
+    diff = chosen - rejected  # (B,)
+    metrics = {"pairwise_accuracy": (diff > 0).float().mean().item(), "margin": diff.mean().item()}
+    return LossOutput(-F.logsigmoid(diff).sum(), batch.n_targets, metrics)
+
+
+def reply_logprobs(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+    """Log-probabilities (N, V) float32 at the N positions whose target is not IGNORE_INDEX
+    (row-major order), for inputs/targets (B, T).
+
+    The output head runs only there (as in sft_loss): a preference batch is mostly prompt and
+    padding. The model needs `forward_hidden` and `logits` (a Transformer, LoRA or not).
+    """
+    hidden = model.forward_hidden(inputs)  # (B, T, C)
+    return torch.log_softmax(model.logits(hidden[targets != IGNORE_INDEX]).float(), dim=-1)
+
+
+def per_row_sum(values: Tensor, targets: Tensor) -> Tensor:
+    """Sum per row of values (N,) given at the non-IGNORE_INDEX positions of targets (B, T) -> (B,)."""
+    rows = (targets != IGNORE_INDEX).nonzero()[:, 0]  # (N,) the row of each counted position
+    return torch.zeros(targets.shape[0], device=values.device).index_add(0, rows, values.float())
+
+
+def completion_logprobs(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+    """Sum of log p(target) over each row's counted targets: inputs/targets (B, T) -> (B,)."""
+    logp = reply_logprobs(model, inputs, targets)  # (N, V)
+    picked = logp.gather(-1, targets[targets != IGNORE_INDEX].unsqueeze(-1)).squeeze(-1)  # (N,)
+    return per_row_sum(picked, targets)
+
+
+def dpo_loss(
+    model: nn.Module, batch: Batch, *, beta: float, reference: nn.Module | None = None
+) -> LossOutput:
+    """Direct Preference Optimization (Rafailov et al. 2023), summed over the B pairs:
+
+        -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+
+    pi_*, ref_*: SUMS of the reply's token log-probs under the policy and the reference (a mean
+    would favour long replies). The reference log-probs are `batch.ref_logps` (2B,) when
+    precomputed, else computed by `reference` (a frozen model, or the policy with its adapters
+    off), always without gradient. At policy == reference the loss is ln 2 per pair.
+    Metrics: reward_accuracy (share of pairs whose implicit reward beta * (pi - ref) is higher
+    for chosen), margin (mean reward gap), chosen_reward, rejected_reward.
+    """
+    policy = completion_logprobs(model, batch.inputs, batch.targets)  # (2B,)
+    ref = getattr(batch, "ref_logps", None)
+    if ref is None:
+        if reference is None:
+            raise ValueError("dpo_loss needs a reference model or precomputed batch.ref_logps")
+        with torch.no_grad():
+            ref = completion_logprobs(reference, batch.inputs, batch.targets)
+    rewards = beta * (policy - ref.detach())  # (2B,) implicit rewards
+    chosen, rejected = _halves(rewards)
+    diff = chosen - rejected  # (B,)
+    metrics = {
+        "reward_accuracy": (diff > 0).float().mean().item(),
+        "margin": diff.mean().item(),
+        "chosen_reward": chosen.mean().item(),
+        "rejected_reward": rejected.mean().item(),
+    }
+    return LossOutput(-F.logsigmoid(diff).sum(), batch.n_targets, metrics)

@@ -3,7 +3,7 @@
 Every fine-tuning checkpoint (and the run directory) carries `finetune.json`:
 
     {"format": "pellucid-finetune/1", "base": "smollm2-135m-instruct", "base_sha256": "…",
-     "task": "sft" | "classify", "method": "lora" | "full",
+     "task": "sft" | "classify" | "reward" | "dpo" | ..., "method": "lora" | "full",
      "lora": {"rank", "alpha", "dropout", "targets"} | null, "labels": [...] | null,
      "train_last": -1}
 
@@ -25,7 +25,7 @@ from torch import nn
 
 from pellucid.errors import WeightsFormatError
 from pellucid.files import atomic_write, sha256_file
-from pellucid.model.heads import Classifier, train_last_blocks
+from pellucid.model.heads import Classifier, ScalarHead, train_last_blocks
 from pellucid.model.lora import apply_lora, lora_layers
 from pellucid.model.transformer import Transformer
 from pellucid.weights.checkpoint import frozen_names
@@ -66,15 +66,17 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def build(base: Transformer, meta: dict[str, Any]) -> nn.Module:
-    """The module tree a run trained: base, + classifier head, + LoRA, with the same parameters
-    frozen as during training (which decides what its checkpoints hold)."""
+    """The module tree a run trained: base, + classifier or reward head, + LoRA, with the same
+    parameters frozen as during training (which decides what its checkpoints hold)."""
     model: nn.Module = base
     if meta["task"] == "classify":
         model = Classifier(base, len(meta["labels"]))
         train_last_blocks(model, int(meta.get("train_last", -1)))
+    if meta["task"] == "reward":
+        model = ScalarHead(base)
     if meta["method"] == "lora":
         lora = meta["lora"]
-        trunk = model.trunk if isinstance(model, Classifier) else model
+        trunk = model.trunk if isinstance(model, (Classifier, ScalarHead)) else model
         apply_lora(trunk, lora["targets"], lora["rank"], lora["alpha"], lora.get("dropout", 0.0))
     return model
 

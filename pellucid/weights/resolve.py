@@ -82,6 +82,7 @@ class LoadedModel:
     classifier: nn.Module | None = None  # a classify run's Classifier (its trunk is `model`)
     labels: list[str] | None = None  # a classify run's label names, in class-index order
     meta: dict | None = None  # a fine-tuning run's finetune.json
+    reward_model: nn.Module | None = None  # a reward run's ScalarHead (its trunk is `model`)
 
     def chat_template(self) -> ChatTemplate:
         """The model's own template, else ChatML (what our own chat-tuned models use)."""
@@ -181,7 +182,7 @@ def _load_finetuned(
 ) -> LoadedModel:
     """Base + what a fine-tuning run trained (see weights/adapter.py); LoRA merged into the base,
     so the result decodes (and quantizes, and exports) like any plain model."""
-    from pellucid.model.heads import Classifier
+    from pellucid.model.heads import Classifier, ScalarHead
     from pellucid.model.lora import remove_lora
 
     meta = adapter.read_meta(meta_file)
@@ -197,15 +198,17 @@ def _load_finetuned(
         adapter.load_adapter(model, weights)
     else:
         load_model_weights(weights.parent, model)
-    clf = model if isinstance(model, Classifier) else None
-    trunk = remove_lora(clf.trunk if clf is not None else model)
-    if clf is not None:
-        clf.trunk = trunk
-    for p in (clf or trunk).parameters():
+    headed = model if isinstance(model, (Classifier, ScalarHead)) else None
+    trunk = remove_lora(headed.trunk if headed is not None else model)
+    if headed is not None:
+        headed.trunk = trunk
+    for p in (headed or trunk).parameters():
         p.requires_grad_(True)  # as every loaded model: frozen-ness was the training run's
     model.eval()
+    clf = headed if isinstance(headed, Classifier) else None
+    rm = headed if isinstance(headed, ScalarHead) else None
     return LoadedModel(
-        trunk, base.tokenizer, base.template, folder, "finetune", clf, meta.get("labels"), meta
+        trunk, base.tokenizer, base.template, folder, "finetune", clf, meta.get("labels"), meta, rm
     )
 
 
