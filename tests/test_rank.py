@@ -12,6 +12,7 @@ from serve_util import tiny_loaded
 from test_resolve import CFG, TEMPLATE, tiny_model, tiny_tokenizer
 
 from pellucid.align.oracle import get_oracle, make_prompts
+from pellucid.align.pairs import sample_responses
 from pellucid.align.rank import (
     export_pairs,
     import_pairs,
@@ -25,7 +26,6 @@ from pellucid.cli import main
 from pellucid.cli.rank import inert
 from pellucid.data.preferences import read_pairs, write_prompts
 from pellucid.errors import DataError
-from pellucid.infer.engine import Engine
 from pellucid.infer.sampling import SamplingParams
 from pellucid.serve.app import create_app
 from pellucid.serve.rank import RankState, mount_rank
@@ -63,9 +63,18 @@ def copy(sampled, tmp_path):
         yield store, sampled[1]
 
 
-def sample(loaded, store, rows, k=3, params=PARAMS):
-    engine = Engine(loaded.model, loaded.tokenizer)
-    return sample_into(store, engine, loaded.chat_template(), "tiny", rows, k, params)
+def sample(loaded, store, rows, k=3, params=PARAMS, batch_prompts=8):
+    return sample_into(
+        store,
+        loaded.model,
+        loaded.tokenizer,
+        loaded.chat_template(),
+        "tiny",
+        rows,
+        k,
+        params,
+        batch_prompts=batch_prompts,
+    )
 
 
 def all_replies(store, model):
@@ -99,10 +108,15 @@ def test_sampling_is_seeded_per_prompt_and_a_resumed_run_samples_nothing_twice(
     settings = json.loads(whole_store.db.execute("SELECT sampling FROM models").fetchone()[0])
     assert settings["k"] == 4 and settings["seed"] == 7 and settings["temperature"] == 1.0
     assert all(len(r) == 4 for r in whole) and len({t for r in whole for t in r}) > 8
+    # the same replies as align/pairs.sample_responses draws for the same prompts and seed
+    assert (
+        sample_responses(loaded.model, loaded.tokenizer, loaded.chat_template(), rows, 4, PARAMS)
+        == whole
+    )
     with Store(tmp_path / "two.sqlite") as two:  # stopped after one prompt, then run again
         sample(loaded, two, rows[:1], k=4)
         before = two.counts()["responses"]
-        model = sample(loaded, two, rows, k=4)
+        model = sample(loaded, two, rows, k=4, batch_prompts=1)  # and batched otherwise
         assert two.counts()["responses"] == before + 2 * 4  # only the two new prompts
         assert all_replies(two, model) == whole  # replies depend on the seed, not the run
         other = sample(loaded, two, rows[:1], k=4, params=replace(PARAMS, seed=8))

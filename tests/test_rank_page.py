@@ -10,7 +10,6 @@ from pellucid.align.oracle import get_oracle, make_prompts
 from pellucid.align.rank import export_pairs, sample_into
 from pellucid.align.store import Store
 from pellucid.data.preferences import read_pairs
-from pellucid.infer.engine import Engine
 from pellucid.infer.sampling import SamplingParams
 from pellucid.serve.app import create_app
 from pellucid.serve.rank import RankState, mount_rank
@@ -48,8 +47,8 @@ def test_a_ranking_made_in_the_browser_appears_in_the_exported_pairs(tmp_path, l
     rows = make_prompts(get_oracle("words"), 2, seed=3)
     store = Store(tmp_path / "s.sqlite")
     params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=1)
-    engine = Engine(loaded.model, loaded.tokenizer)
-    model = sample_into(store, engine, loaded.chat_template(), "tiny", rows, 3, params)
+    template = loaded.chat_template()
+    model = sample_into(store, loaded.model, loaded.tokenizer, template, "tiny", rows, 3, params)
     server = serve(loaded, store, model)
     try:
         page.goto(server.url + "/rank")

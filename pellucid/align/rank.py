@@ -1,68 +1,89 @@
 """Collecting rankings: sample K replies per prompt, rank them (a person, or an oracle standing in),
 and move rankings out of and into the store as preference pairs.
 
-    model_id = sample_into(store, engine, template, "smollm2-135m-instruct", rows, k=4, params)
+    model_id = sample_into(store, model, tok, template, "smollm2-135m-instruct", rows, 4, params)
     rank_with_oracle(store, model_id, get_oracle("sentences"))   # or a person: `pellucid rank`
     export_pairs(store, "pairs.jsonl")   # every pair each ranking implies, for reward / DPO
 
-Sampling goes through the one Engine: the K replies to prompt i are K rows of one `generate`,
-row j seeded `seed + i*K + j`, so the same file, model and seed give the same replies, and a
-prompt already sampled (a run stopped and started again) is not sampled twice. Each prompt's
-sample set is committed to the store as soon as it is generated.
+Sampling goes through the one Engine (train/evaluate.replies, as align/pairs.sample_responses
+does): reply j to prompt i is seeded `seed + i*K + j`, so the same file, model and seed give the
+same replies however they are batched, and a prompt already sampled (a run stopped and started
+again) is not sampled twice. Each batch's sample sets are committed as soon as it is done.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pellucid.align.oracle import Oracle, pairs_from_ranking, rank
+from pellucid.align.pairs import conversation
 from pellucid.align.store import Store
 from pellucid.data.preferences import PromptRow, read_pairs, write_pairs
 from pellucid.errors import DataError
 from pellucid.infer.sampling import SamplingParams
+from pellucid.train.evaluate import replies
 
 if TYPE_CHECKING:
-    from pellucid.infer.engine import Engine
+    from torch import nn
+
+    from pellucid.tokenizer.bpe import Tokenizer
     from pellucid.tokenizer.chat import ChatTemplate
 
 
 def sample_into(
     store: Store,
-    engine: Engine,
+    model: nn.Module,
+    tokenizer: Tokenizer,
     template: ChatTemplate,
     spec: str,
     rows: Sequence[PromptRow],
     k: int,
     params: SamplingParams,
-    on_prompt: Callable[[int, int], None] | None = None,
+    *,
+    batch_prompts: int = 8,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Sample `k` replies to each row's prompt (as one user message in the model's chat
-    template) and store them; returns the store's id for (spec, sampling settings).
+    """Sample `k` replies to each row's prompt (as one user message in the chat template) and
+    store them; returns the store's id for (spec, sampling settings).
 
-    on_prompt(i, n) is called after prompt i of n is stored (or found already there).
+    Prompts not sampled yet go through the Engine `batch_prompts` at a time (k rows each, one
+    batch); each prompt's set is committed as soon as its batch is done. on_progress(done, n)
+    is called after each batch.
     """
     if k < 2:
         raise DataError(f"--k must be at least 2 (a ranking compares replies), got {k}")
     if not rows:
         raise DataError("no prompts to rank")
-    settings = {"k": k, **asdict(params)}
-    model_id = store.add_model(spec, settings)
-    for i, row in enumerate(rows):
-        prompt_id = store.add_prompt(row.prompt, row.answer)
-        if not store.responses(prompt_id, model_id):
-            ids = template.encode(engine.tokenizer, [{"role": "user", "content": row.prompt}])
-            seed = None if params.seed is None else params.seed + i * k
-            texts = [""] * k
-            for steps in engine.generate([ids] * k, replace(params, seed=seed)):
-                for step in steps:
-                    texts[step.row] += step.text
-            store.add_responses(prompt_id, model_id, texts)
-        if on_prompt is not None:
-            on_prompt(i, len(rows))
+    model_id = store.add_model(spec, {"k": k, **asdict(params)})
+    prompt_ids = [store.add_prompt(row.prompt, row.answer) for row in rows]
+    todo = [i for i, pid in enumerate(prompt_ids) if not store.responses(pid, model_id)]
+    done = len(rows) - len(todo)
+    for run in _runs(todo, batch_prompts):
+        # reply j to prompt i is row i*k + j, seeded seed + i*k + j (evaluate.replies' rule)
+        seed = None if params.seed is None else params.seed + run[0] * k
+        convs = [conversation(rows[i].prompt) for i in run for _ in range(k)]
+        texts = replies(model, tokenizer, template, convs, replace(params, seed=seed), len(convs))
+        for n, i in enumerate(run):
+            store.add_responses(prompt_ids[i], model_id, texts[n * k : (n + 1) * k])
+        done += len(run)
+        if on_progress is not None:
+            on_progress(done, len(rows))
     return model_id
+
+
+def _runs(positions: Sequence[int], size: int) -> Iterator[list[int]]:
+    """Runs of consecutive positions, at most `size` long: [0, 1, 2, 5, 6], 2 -> [0, 1] [2] [5, 6]."""
+    run: list[int] = []
+    for i in positions:
+        if run and (i != run[-1] + 1 or len(run) == size):
+            yield run
+            run = []
+        run.append(i)
+    if run:
+        yield run
 
 
 def ranks_from_groups(groups: Sequence[Sequence[Any]]) -> dict[Any, int]:

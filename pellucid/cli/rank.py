@@ -70,7 +70,6 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from pellucid.align.rank import rank_with_oracle, sample_into
     from pellucid.align.store import Store, ranker_kind
     from pellucid.data.preferences import read_prompts
-    from pellucid.infer.engine import Engine
     from pellucid.weights.resolve import DEFAULT_MODEL
 
     rows = read_prompts(args.prompts)  # every flag and file checked before the model loads
@@ -81,22 +80,23 @@ def cmd_rank(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     loaded = load(args)
-    engine = Engine(loaded.model, loaded.tokenizer)
     spec = args.model or DEFAULT_MODEL
     with Store(args.db) as store:
 
-        def progress(i: int, n: int) -> None:
-            print(f"\rsampled {i + 1}/{n} prompts x {args.k} replies", end="", file=sys.stderr)
+        def progress(done: int, n: int) -> None:
+            print(f"\rsampled {done}/{n} prompts x {args.k} replies", end="", file=sys.stderr)
 
+        params = sampling(args, loaded.tokenizer)
         model_id = sample_into(
             store,
-            engine,
+            loaded.model,
+            loaded.tokenizer,
             loaded.chat_template(),
             spec,
             rows,
             args.k,
-            sampling(args, loaded.tokenizer),
-            progress,
+            params,
+            on_progress=progress,
         )
         print(file=sys.stderr)
         if oracle is not None:
@@ -105,13 +105,12 @@ def cmd_rank(args: argparse.Namespace) -> int:
             return 0
         if args.terminal:
             return rank_in_terminal(store, model_id, ranker)
-        return serve_page(args, loaded, engine, store, model_id, spec, ranker)
+        return serve_page(args, loaded, store, model_id, spec, ranker)
 
 
 def serve_page(
     args: argparse.Namespace,
     loaded: Any,
-    engine: Any,
     store: Any,
     model_id: int,
     spec: str,
@@ -124,7 +123,7 @@ def serve_page(
     from pellucid.serve.app import create_app
     from pellucid.serve.rank import RankState, mount_rank
 
-    app = create_app(loaded, model_name=served_name(args.model), engine=engine)
+    app = create_app(loaded, model_name=served_name(args.model))
     mount_rank(app, RankState(store, model_id, spec, ranker))
     sock = bind("127.0.0.1", args.port)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/rank"
