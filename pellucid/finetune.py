@@ -115,6 +115,7 @@ class FinetuneResult:
     state: TrainState
     before: dict[str, Any]
     after: dict[str, Any]
+    params: tuple[int, int]  # (trained, all) parameter counts
 
 
 def load_finetune_config(
@@ -156,7 +157,7 @@ class _Prepared:
     model: torch.nn.Module
     batches: ExampleSampler
     objective: Any
-    evaluate: Any  # model -> validation metrics
+    evaluate: Any  # model -> validation metrics (None without validation rows)
     scores: Any  # model -> the before/after numbers of the report
     meta: dict
     data: Dataset
@@ -206,6 +207,7 @@ def _prepare(run: FinetuneRun) -> _Prepared:
             if is_task and scored:
                 em = exact_match(m, tok, template, scored, ft.max_new_tokens)
                 out["exact_match"], out["n_exact"] = em["exact_match"], em["n"]
+                out["answers"] = em["answers"]  # eval.json keeps them, for reading the misses
             return out
 
     else:
@@ -224,7 +226,10 @@ def _prepare(run: FinetuneRun) -> _Prepared:
             return class_metrics(m, val, len(labels), B) if val else {}
 
     batches = ExampleSampler(items, B, seed, collate)
-    return _Prepared(model, batches, objective, evaluate, scores, meta, data, held, len(enc))
+    # Without validation rows there is nothing to evaluate during training (it would log NaN).
+    return _Prepared(
+        model, batches, objective, evaluate if val else None, scores, meta, data, held, len(enc)
+    )
 
 
 def finetune(
@@ -272,7 +277,7 @@ def finetune(
         adapter.save_adapter(model, prep.meta, run_dir)
     plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / PLOT_FILE)
     write_report(run_dir, run, prep, state, before, after, wall, (n_train, n_all))
-    return FinetuneResult(run_dir, state, before, after)
+    return FinetuneResult(run_dir, state, before, after, (n_train, n_all))
 
 
 def _scored(prep: _Prepared, model: torch.nn.Module) -> dict[str, Any]:
