@@ -163,6 +163,7 @@ class _Prepared:
     data: Dataset
     held_out: Dataset | None
     n_train: int
+    n_dropped: int  # training rows dropped because their prompt is in the held-out file
 
 
 def _prepare(run: FinetuneRun) -> _Prepared:
@@ -171,6 +172,7 @@ def _prepare(run: FinetuneRun) -> _Prepared:
     data = read_jsonl(_data_path(run.data), shapes)
     held = read_jsonl(_data_path(ft.eval_data), shapes) if ft.eval_data else None
     train_rows, val_rows = split(data.records, ft.val_fraction, seed)
+    n_dropped = 0
     if held is not None:
         train_rows, n_dropped = drop_overlap(train_rows, held.records)
         log.info("dropped %d training rows that also occur in %s", n_dropped, held.path)
@@ -228,8 +230,9 @@ def _prepare(run: FinetuneRun) -> _Prepared:
     batches = ExampleSampler(items, B, seed, collate)
     # Without validation rows there is nothing to evaluate during training (it would log NaN).
     return _Prepared(
-        model, batches, objective, evaluate if val else None, scores, meta, data, held, len(enc)
-    )
+        model, batches, objective, evaluate if val else None, scores, meta, data, held, len(enc),
+        n_dropped,
+    )  # fmt: skip
 
 
 def finetune(
@@ -323,7 +326,8 @@ def write_report(
         "## Lineage",
         f"- base model: `{meta['base']}` sha256 {meta['base_sha256']}",
         *[f"- data: `{p.resolve()}` sha256 {sha256_file(p)}" for p in data_files],
-        f"- {prep.data.shape} rows: {len(prep.data.records)}, {prep.n_train} trained on",
+        f"- {prep.data.shape} rows: {len(prep.data.records)}, {prep.n_train} trained on"
+        + (f" ({prep.n_dropped} dropped: also in the held-out file)" if prep.held_out else ""),
         f"- method: {meta['method']}"
         + (
             f" (rank {run.lora.rank}, alpha {run.lora.alpha}, targets {run.lora.targets})"
