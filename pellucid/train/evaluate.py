@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pellucid.tokenizer.bpe import Tokenizer
     from pellucid.tokenizer.chat import ChatTemplate
 
+
 def lm_metrics(model: nn.Module, examples: Sequence[Encoded], batch_size: int = 8) -> dict:
     """{"n", "loss" (nats per assistant token), "perplexity", "bits_per_byte"} over `examples`."""
     was = model.training
