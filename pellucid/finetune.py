@@ -189,8 +189,9 @@ def _prepare(run: FinetuneRun) -> _Prepared:
     model = adapter.build(loaded.model, meta)
     B = run.train.batch_size
     if run.task == "sft":
-        enc = encode_lm(train_rows, template, tok, max_len, ft.truncate)
-        val = encode_lm(val_rows, template, tok, max_len, ft.truncate) if val_rows else []
+        where = str(data.path)
+        enc = encode_lm(train_rows, template, tok, max_len, ft.truncate, where)
+        val = encode_lm(val_rows, template, tok, max_len, ft.truncate, where) if val_rows else []
         items, collate = (pack_rows(enc, max_len), collate_packed) if ft.pack else (enc, pad_lm)
         objective = sft_loss
         scored = (held.records if held else val_rows)[: ft.eval_max]
@@ -213,8 +214,8 @@ def _prepare(run: FinetuneRun) -> _Prepared:
             return out
 
     else:
-        enc = encode_text(train_rows, tok, labels, max_len, ft.truncate)
-        val = encode_text(val_rows, tok, labels, max_len, ft.truncate)
+        enc = encode_text(train_rows, tok, labels, max_len, ft.truncate, str(data.path))
+        val = encode_text(val_rows, tok, labels, max_len, ft.truncate, str(data.path))
         items, objective = enc, class_loss
 
         def collate(rows: list) -> Any:
@@ -357,13 +358,15 @@ def write_report(
 
 
 def evaluate_file(
-    spec: str | None, path: str, *, max_new_tokens: int = 64, batch_size: int = 8, limit: int = 0
-) -> dict[str, Any]:
+    spec: str | None, path: str, *, max_new_tokens: int = 64, batch_size: int = 8, limit: int = 0,
+    truncate: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """`pellucid eval`: score model `spec` on a JSONL file, with the metrics its shape allows.
 
     chat / instruction / prompt-completion: assistant-token loss, perplexity, bits per byte;
     task: those and the exact match of greedy answers; classification (a classify run only):
     accuracy, macro-F1, confusion matrix. `limit` > 0 scores the first `limit` rows only.
+    Rows longer than the model's context are refused, or cut to it with `truncate`.
     """
     data = read_jsonl(_data_path(path))
     records = data.records[:limit] if limit > 0 else data.records
@@ -378,11 +381,12 @@ def evaluate_file(
                 f"{data.path} holds classification rows, but '{spec}' is not a classifier "
                 "(train one with `pellucid finetune classify`)"
             )
-        enc = encode_text(records, tok, loaded.labels, ctx)
+        enc = encode_text(records, tok, loaded.labels, ctx, truncate, str(data.path))
         scores = class_metrics(loaded.classifier, enc, len(loaded.labels), batch_size)
         return {**out, **scores, "labels": loaded.labels}
     template = loaded.chat_template()
-    lm = lm_metrics(loaded.model, encode_lm(records, template, tok, ctx - 1), batch_size)
+    enc = encode_lm(records, template, tok, ctx - 1, truncate, str(data.path))
+    lm = lm_metrics(loaded.model, enc, batch_size)
     out.update({k: lm[k] for k in ("loss", "perplexity", "bits_per_byte")})
     if data.shape == "task":
         em = exact_match(loaded.model, tok, template, records, max_new_tokens, 2 * batch_size)
