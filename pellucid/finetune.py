@@ -323,6 +323,13 @@ def write_report(
         f"- before: {_fmt(before)}",
         f"- after:  {_fmt(after)}  ({state.step} steps; scores on {where})",
         f"- curves: ![loss]({PLOT_FILE}) (per-step numbers in `metrics.jsonl`, scores in `eval.json`)",
+        *(
+            [
+                f"- confusion after (rows: true {meta['labels']}, columns: predicted): {after['confusion']}"
+            ]
+            if "confusion" in after
+            else []
+        ),
         "",
         "## Lineage",
         f"- base model: `{meta['base']}` sha256 {meta['base_sha256']}",

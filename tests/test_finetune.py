@@ -164,6 +164,8 @@ def test_classify_run_trains_a_head_and_eval_reports_its_metrics(files, tmp_path
     result = _run(files, out, "train.max_steps=30", "train.lr=3e-3", "train.batch_size=16",
                   "finetune.train_last=1", task="classify", data="spam.jsonl", lora=False)  # fmt: skip
     assert result.after["accuracy"] >= 0.9
+    report = (out / "report.md").read_text()
+    assert f"columns: predicted): {result.after['confusion']}" in report
     assert main(["eval", "--model", str(out), "--data", str(files / "spam.jsonl"), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert {"n", "accuracy", "macro_f1", "confusion", "labels"} <= set(r)
