@@ -224,3 +224,7 @@ def test_killed_finetune_run_resumes_bit_exact(files, tmp_path):
     assert main(["finetune", "sft", "--resume", str(out)]) == 0
     assert _losses(out) == _losses(straight)  # bitwise: floats compared with ==
     assert len(_losses(out)) == 12
+    from pellucid.weights.safety import load_safetensors
+
+    a, b = (load_safetensors(d / "adapter" / "adapter.safetensors") for d in (out, straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same adapter
