@@ -183,6 +183,23 @@ def test_eval_and_finetune_refuse_too_long_rows_unless_told_to_truncate(tmp_path
         finetune.finetune(run, tmp_path / "out")
 
 
+def test_text_the_tokenizer_cannot_encode_names_its_line(tmp_path):
+    from pellucid.tokenizer.bpe import Tokenizer
+
+    tok = tokenizer()
+    vocab = list(tok.vocab)
+    vocab[vocab.index(b"\x1d")] = b"\x1d" * 5  # a vocabulary without byte 0x1d, like SmolLM2's
+    lacking = Tokenizer(vocab, tok.merges, tok.special_tokens, tok.pattern, eos_id=0)
+    rows = [{"text": "fine", "label": "ham"}, {"text": "odd\x1d byte", "label": "spam"}]
+    data = read_jsonl(write_jsonl(tmp_path / "c.jsonl", rows))
+    with pytest.raises(DataError, match=r"^c.jsonl:2: cannot encode .* byte 0x1d"):
+        encode_text(data.records, lacking, data.labels, 64, source="c.jsonl")
+    chat = [{"prompt": "Is 3 odd?", "answer": "yes"}, {"prompt": "x\x1d", "answer": "no"}]
+    data = read_jsonl(write_jsonl(tmp_path / "t.jsonl", chat))
+    with pytest.raises(DataError, match=r"^t.jsonl:2: cannot encode"):
+        encode_lm(data.records, ChatTemplate(CHATML), lacking, 64, source="t.jsonl")
+
+
 def test_packing_never_attends_across_examples(tmp_path):
     torch.manual_seed(0)
     tok = tokenizer()

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from pellucid.data.batches import IGNORE_INDEX, Batch
 from pellucid.data.jsonl import Record
-from pellucid.errors import DataError
+from pellucid.errors import DataError, TokenizerError
 
 if TYPE_CHECKING:
     from pellucid.tokenizer.bpe import Tokenizer
@@ -96,7 +96,10 @@ def encode_lm(
     """
     out, long, dropped = [], [], 0
     for r in records:
-        ids, mask = template.encode_with_mask(tokenizer, r.messages)
+        try:
+            ids, mask = template.encode_with_mask(tokenizer, r.messages)
+        except TokenizerError as e:  # a byte the vocabulary lacks: say which row holds it
+            raise DataError(f"{source}:{r.line}: {e}") from None
         n_bytes = sum(len(m["content"].encode()) for m in r.messages if m["role"] == "assistant")
         if len(ids) > max_len + 1:
             long.append((len(ids), r.line))
@@ -138,7 +141,10 @@ def encode_text(
     for r in records:
         if r.label not in index:
             raise DataError(f"line {r.line}: label {r.label!r} is not one of {list(labels)}")
-        ids = tokenizer.encode(r.text) or [0]
+        try:
+            ids = tokenizer.encode(r.text) or [0]
+        except TokenizerError as e:
+            raise DataError(f"{source}:{r.line}: {e}") from None
         if len(ids) > max_len:
             long.append((len(ids), r.line))
             ids = ids[-max_len:]
