@@ -312,7 +312,7 @@ def cmd_throughput(args: argparse.Namespace) -> dict:
     records = read_jsonl(write_jsonl(held, make_tasks("mix", 512, 0))).records
     out = {"figure": "throughput", "machine": machine(), "runs": []}
     for method in args.methods:
-        loaded = load(MODEL)
+        loaded = load(args.model)
         model, tok = loaded.model, loaded.tokenizer
         encoded = encode_lm(records, loaded.chat_template(), tok, 1024)
         seed_everything(0)
@@ -323,7 +323,7 @@ def cmd_throughput(args: argparse.Namespace) -> dict:
         tcfg = TrainConfig(
             max_steps=args.steps, batch_size=args.batch, warmup_steps=1, eval_every=0,
             checkpoint_every=0, dtype="float32", progress=False, log_every=10**9,
-            weight_decay=0.0, lr=1e-3 if method == "lora" else 5e-5,
+            weight_decay=0.0, lr=(lr := 1e-3 if method == "lora" else 5e-5), min_lr=lr / 10,
         )  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             train(model, sft_loss, sampler, tcfg, Path(tmp))
@@ -382,7 +382,7 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=30)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--rank", type=int, default=8)
-    p.add_argument("--model", default=MODEL, help="base model spec (sft, spam)")
+    p.add_argument("--model", default=MODEL, help="base model spec")
     p.add_argument("--json", help="also append the result as one JSON line to this file")
     args = p.parse_args()
     result = {"sft": cmd_sft, "spam": cmd_spam, "throughput": cmd_throughput}[args.figure](args)
