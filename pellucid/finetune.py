@@ -247,6 +247,7 @@ def finetune(
         )
     if not run.data:
         raise ConfigError("fine-tuning needs --data FILE.jsonl")
+    t0 = time.perf_counter()  # the report's wall time: loading, scoring and training
     prep = _prepare(run)
     model = prep.model
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -269,14 +270,13 @@ def finetune(
     else:
         before = _scored(prep, model)
         atomic_write(eval_file, json.dumps({"before": before}, indent=1))
-    t0 = time.perf_counter()
     state = train(
         model, prep.objective, prep.batches, run.train, run_dir,
         evaluate=prep.evaluate, resume=resume, files=files,
     )  # fmt: skip
-    wall = time.perf_counter() - t0
     after = _scored(prep, model)
     atomic_write(eval_file, json.dumps({"before": before, "after": after}, indent=1))
+    wall = time.perf_counter() - t0
     if prep.meta["method"] == "lora":
         adapter.save_adapter(model, prep.meta, run_dir)
     plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / PLOT_FILE)
@@ -348,9 +348,9 @@ def write_report(
         "",
         "## Compute",
         f"- {state.step} steps, {state.tokens:,} tokens in {state.train_time_s:.0f} s of training "
-        f"steps ({wall_s:.0f} s wall time with evaluation, this session)",
-        f"- {tps:,.0f} tokens/s ({torch.get_num_threads()} threads), MFU "
-        f"{100 * run_mfu(state, run.train):.1f}% of this machine's measured matmul peak",
+        f"steps; {wall_s:.0f} s wall time in all (loading, scoring before and after, training; "
+        "this session)",
+        f"- {tps:,.0f} tokens/s on {torch.get_num_threads()} thread(s), {_mfu(state, run.train)}",
         "",
         "## Config",
         f"```json\n{json.dumps(config.to_dict(run), indent=1)}\n```",
@@ -359,6 +359,13 @@ def write_report(
     if math.isnan(state.last_loss):
         lines.insert(4, "- (no training step was taken)")
     atomic_write(run_dir / "report.md", "\n".join(lines))
+
+
+def _mfu(state: TrainState, cfg: TrainConfig) -> str:
+    mfu = run_mfu(state, cfg)
+    if mfu > 1:  # the peak was timed while other processes held the CPU: it came out too low
+        return "MFU not measurable here (the matmul peak was timed on a busy machine)"
+    return f"MFU {100 * mfu:.1f}% of this machine's measured matmul peak"
 
 
 # --- pellucid eval -------------------------------------------------------------------------------
