@@ -52,7 +52,7 @@ from pellucid.errors import ConfigError, DataError
 from pellucid.files import atomic_open, atomic_write, sha256_file
 from pellucid.finetune import LoraConfig
 from pellucid.recipes import config_hash, default_run_dir
-from pellucid.train.evaluate import normalize_answer
+from pellucid.data.tasks import normalize_answer
 from pellucid.train.objectives import grpo_loss, ppo_loss
 from pellucid.train.trainer import (
     TrainConfig,

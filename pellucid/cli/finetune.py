@@ -76,6 +76,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=0, help="score only the first N rows")
     p.add_argument("--show", type=int, default=0, help="print the first N answers to task rows")
+    p.add_argument("--truncate", action="store_true", help="cut rows longer than the context")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_eval)
 
@@ -92,7 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--max-new-tokens and --batch-size must be >= 1, --limit >= 0")
     r = evaluate_file(
         args.model, args.data, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, limit=args.limit,
+        batch_size=args.batch_size, limit=args.limit, truncate=args.truncate,
     )  # fmt: skip
     if args.json:
         out = {k: r[k] for k in _KEYS if k in r}

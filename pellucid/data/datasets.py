@@ -54,7 +54,7 @@ from pellucid.files import (
 
 log = logging.getLogger("pellucid")
 
-BUILDER_VERSION = 4  # bump when a builder's output changes, so cached files are rebuilt
+BUILDER_VERSION = 5  # bump when a builder's output changes, so cached files are rebuilt
 
 PYTHON_DOC = DebArtifact(
     "python3.11-doc",

@@ -2,7 +2,7 @@
 
     lm_metrics        assistant-token loss of conversations: perplexity and bits per byte
     class_metrics     a classifier's accuracy, macro-F1 and confusion matrix
-    exact_match       greedy answers from the one Engine, compared after `normalize_answer`
+    exact_match       greedy answers from the one Engine, compared after `normalize_answer` (data/tasks.py)
 
 Bits per byte divide the summed nats of every assistant token (its end-of-turn token included)
 by ln 2 and by the UTF-8 bytes of the assistant text, so models with different tokenizers are
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from pellucid.data.finetune import Encoded, EncodedText, in_order, pad_lm, pad_text
+from pellucid.data.tasks import normalize_answer
 from pellucid.infer.conversation import stop_token_ids
 from pellucid.infer.engine import Engine
 from pellucid.infer.sampling import SamplingParams
@@ -32,8 +31,6 @@ if TYPE_CHECKING:
     from pellucid.data.jsonl import Record
     from pellucid.tokenizer.bpe import Tokenizer
     from pellucid.tokenizer.chat import ChatTemplate
-
-_FINAL_PUNCT = ".!?;:,。"
 
 
 def lm_metrics(model: nn.Module, examples: Sequence[Encoded], batch_size: int = 8) -> dict:
@@ -103,17 +100,6 @@ def class_metrics(
         "macro_f1": macro_f1(confusion),
         "confusion": confusion,
     }
-
-
-def normalize_answer(text: str) -> str:
-    """Case-folded, whitespace collapsed, final punctuation (and spaces) removed.
-
-    >>> normalize_answer("  The  Answer is 42.\\n")
-    'the answer is 42'
-    """
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = re.sub(r"\s+", " ", text).strip()
-    return text.rstrip(_FINAL_PUNCT + " ")
 
 
 def replies(
