@@ -12,8 +12,13 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
+import torch
 from serve_util import KEY, LiveServer, make_app, tiny_loaded, wait_for
+
+from pellucid.infer.kv_pool import CHUNK
+from pellucid.model.kv_cache import bytes_per_token
 
 MESSAGES = [{"role": "user", "content": "Paris is the capital"}]
 
@@ -35,9 +40,15 @@ def metrics(server):
     return r.json()
 
 
+def is_idle(m):
+    """No request, sequence or queued ticket left, and no KV memory held."""
+    return not (m["requests_active"] or m["sequences_active"] or m["queue_length"]) and (
+        m["kv_bytes_used"] == 0
+    )
+
+
 def idle(server):
-    m = metrics(server)
-    return m["requests_active"] == 0 and m["sequences_active"] == 0 and m["queue_length"] == 0
+    return is_idle(metrics(server))
 
 
 # --- the openai client: every route and feature -----------------------------------------------------
@@ -114,6 +125,71 @@ def test_openai_client_sees_every_error_as_its_exception(live):
     assert e.value.status_code == 413
 
 
+def test_openai_client_sees_queue_full_capacity_and_server_errors():
+    """The rest of item 3 through the openai client: 401 without a key, 400 for a request the KV
+    pool cannot hold even alone, 429 when the queue is full, 500 when the engine fails and 503
+    once the server is shutting down."""
+    loaded = tiny_loaded()
+    per_token = bytes_per_token(loaded.model.cfg, torch.float32)
+    app, engine = make_app(
+        loaded, delay=0.05, api_key=KEY, max_batch=1, max_queue=1, kv_budget_bytes=64 * per_token
+    )
+    with LiveServer(app) as server:
+        client = client_for(server)
+        with pytest.raises(openai.AuthenticationError):  # the right key, but not sent: missing
+            client.models.list(extra_headers={"Authorization": openai.omit})
+        with pytest.raises(openai.BadRequestError) as e:  # prompt + 60 > the pool's 64 tokens
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=60)
+        assert e.value.body["code"] == "kv_budget" and e.value.body["param"] == "max_tokens"
+        assert "lower max_tokens" in e.value.message
+        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 30, "ignore_eos": True}
+        auth = {"Authorization": f"Bearer {KEY}"}
+        url = server.url + "/v1/chat/completions"
+        with (
+            httpx.Client(headers=auth, timeout=30) as a,
+            a.stream("POST", url, json={**body, "stream": True}) as running,
+        ):
+            lines = running.iter_lines()  # (kept: a dropped iterator closes the connection)
+            next(line for line in lines if line.startswith("data:"))
+            queued = raw_post(server.port, body, KEY)  # the one slot is busy: this one waits
+            wait_for(lambda: metrics(server)["queue_length"] == 1, 5, "a request to queue")
+            with pytest.raises(openai.RateLimitError) as e:  # and the queue (1) is full
+                client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+            assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "1"
+            queued.close()
+        wait_for(lambda: idle(server), 5, "the two requests to be dropped")
+        engine.fail_at_step = engine.steps
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3)
+        assert e.value.status_code == 500 and e.value.body["type"] == "server_error"
+        app.state.scheduler.close()
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3)
+        assert e.value.status_code == 503 and "shutting down" in e.value.message
+
+
+# --- item 1: a request's KV memory is what it can use, from the pool -------------------------------
+
+
+def test_a_request_holds_kv_memory_for_its_prompt_and_max_tokens_not_the_context():
+    loaded = tiny_loaded(context_len=768)
+    per_token = bytes_per_token(loaded.model.cfg, torch.float32)
+    app, engine = make_app(loaded, delay=0.05)
+    body = {"messages": MESSAGES, "max_tokens": 20, "ignore_eos": True, "stream": True}
+    with LiveServer(app) as server, httpx.Client(timeout=30) as c:
+        with c.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()  # (kept: a dropped iterator closes the connection)
+            next(line for line in lines if line.startswith("data:"))
+            m = metrics_noauth(server)
+            assert m["sequences_active"] == 1
+            need = len(engine.prompts[-1]) + 20  # prompt + max_tokens
+            # one row, rounded up to the pool's chunk: not the 768-token context
+            assert need * per_token <= m["kv_bytes_used"] < (need + CHUNK) * per_token
+            assert m["kv_bytes_used"] < 768 * per_token // 4
+            assert m["kv_bytes_budget"] == engine.kv_bytes_budget >= m["kv_bytes_used"]
+        wait_for(lambda: idle_noauth(server), 2.0, "the memory to go back to the pool")
+
+
 # --- continuous batching ----------------------------------------------------------------------------
 
 
@@ -146,7 +222,8 @@ def test_requests_joining_mid_decode_get_their_greedy_tokens_alone():
             t.join(60)
         assert "".join(first + rest) == "".join(alone[0])
         assert got[1] == alone[1] and got[2] == alone[2]
-        assert max(len(p) for p in engine.prompts) > 0 and idle(server) is not None
+        assert len(engine.prompts) == 6  # three alone, then three together
+        wait_for(lambda: idle_noauth(server), 2.0, "the gauges to return to 0")
 
 
 def raw_post(port, body, key=None, rcvbuf=None):
@@ -255,6 +332,8 @@ def test_overload_is_refused_fast_with_429_and_the_gauges_return_to_zero():
         url = server.url + "/v1/chat/completions"
         body = {"messages": MESSAGES, "max_tokens": 8, "stream": True}
         results = []
+        assert httpx.post(url, json=body, timeout=60).status_code == 200  # warm, then measure
+        rss_before = psutil.Process().memory_info().rss
 
         def one():
             t = time.monotonic()
@@ -280,11 +359,11 @@ def test_overload_is_refused_fast_with_429_and_the_gauges_return_to_zero():
         assert httpx.get(server.url + "/health").status_code == 200
         wait_for(lambda: idle_noauth(server), 2.0, "the gauges to return to 0")
         assert metrics_noauth(server)["requests_rejected_total"] == codes.count(429)
+        assert psutil.Process().memory_info().rss < 1.2 * rss_before  # C2: RSS within +20 %
 
 
 def idle_noauth(server):
-    m = metrics_noauth(server)
-    return m["requests_active"] == 0 and m["sequences_active"] == 0 and m["queue_length"] == 0
+    return is_idle(metrics_noauth(server))
 
 
 # --- item 4: time limit; the event loop stays free while the model runs ----------------------------
@@ -384,8 +463,12 @@ def test_short_soak_with_churn_keeps_valid_requests_error_free():
         threads = [threading.Thread(target=client, args=(rng.random(),)) for _ in range(3)]
         for t in threads:
             t.start()
+        time.sleep(3)  # past the start (the "minute 1" of C3, scaled down)
+        me = psutil.Process()
+        rss_early, fds_early = me.memory_info().rss, me.num_fds()
         for t in threads:
             t.join(60)
         assert errors == []
         wait_for(lambda: idle_noauth(server), 2.0, "the gauges to return to 0")
         assert threading.active_count() <= threads_before + 5
+        assert me.num_fds() <= fds_early + 5 and me.memory_info().rss < 1.1 * rss_early
