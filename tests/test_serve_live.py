@@ -5,10 +5,15 @@ queued), B8 (a client that stops reading is cut off), C2 (overload: fast 429, ga
 and continuous batching: requests that join mid-decode get the tokens they get alone.
 """
 
+import argparse
 import json
+import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -17,6 +22,7 @@ import pytest
 import torch
 from serve_util import KEY, LiveServer, make_app, tiny_loaded, wait_for
 
+from pellucid.cli.serve import add_serve
 from pellucid.infer.kv_pool import CHUNK
 from pellucid.model.kv_cache import bytes_per_token
 
@@ -472,3 +478,37 @@ def test_short_soak_with_churn_keeps_valid_requests_error_free():
         wait_for(lambda: idle_noauth(server), 2.0, "the gauges to return to 0")
         assert threading.active_count() <= threads_before + 5
         assert me.num_fds() <= fds_early + 5 and me.memory_info().rss < 1.1 * rss_early
+
+
+# --- the README's examples (docs/readme/serve.md), as written ---------------------------------------
+
+README = Path(__file__).parents[1] / "docs" / "readme" / "serve.md"
+
+
+def readme_blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), re.S)
+
+
+def test_the_readme_examples_work_as_written(capsys):
+    app, _ = make_app(tiny_loaded(context_len=256), model_name="smollm2-135m-instruct")
+    with LiveServer(app) as server:
+        here = f"127.0.0.1:{server.port}"  # the only change: the port the test server got
+        (example,) = readme_blocks("python")
+        exec(compile(example.replace("127.0.0.1:8000", here), str(README), "exec"), {})
+        out = capsys.readouterr().out
+        assert out.endswith("\n") and len(out.strip()) > 0
+        (curl,) = [b for b in readme_blocks("bash") if b.startswith("curl ")]
+        if shutil.which("curl"):
+            run = subprocess.run(
+                ["bash", "-c", curl.replace("127.0.0.1:8000", here)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            reply = json.loads(run.stdout)
+            assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] >= 1
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", README.read_text()))
+    parser = argparse.ArgumentParser()
+    add_serve(parser.add_subparsers())
+    known = set(parser._subparsers._group_actions[0].choices["serve"]._option_string_actions)
+    assert flags and flags <= known, flags - known  # every flag the README names exists
