@@ -86,6 +86,27 @@ def test_openai_client_chat_stream_n_logprobs_usage(live):
         model="tiny", messages=MESSAGES, max_tokens=6, temperature=0.9, seed=3, n=3
     )
     assert sorted(c.index for c in many.choices) == [0, 1, 2]
+    streamed = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=6,
+            temperature=0.9,
+            seed=3,
+            n=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    for c in many.choices:  # the same choices, streamed, each ending with its finish_reason
+        mine = [k.choices[0] for k in streamed if k.choices and k.choices[0].index == c.index]
+        assert "".join(m.delta.content or "" for m in mine) == c.message.content
+        assert mine[-1].finish_reason == c.finish_reason
+    assert streamed[-1].usage.completion_tokens == many.usage.completion_tokens
+    capped = client.chat.completions.create(  # the newer name of max_tokens
+        model="tiny", messages=MESSAGES, max_completion_tokens=3, extra_body={"ignore_eos": True}
+    )
+    assert capped.usage.completion_tokens == 3 and capped.choices[0].finish_reason == "length"
 
 
 def test_openai_client_completions_stop_and_models(live):
@@ -95,13 +116,13 @@ def test_openai_client_completions_stop_and_models(live):
     r = client.completions.create(model="tiny", prompt="Paris is", max_tokens=10, temperature=0)
     text = r.choices[0].text
     assert r.object == "text_completion" and r.usage.prompt_tokens > 0
-    if len(text) >= 4:
-        stop = text[2:4]
-        cut = client.completions.create(
-            model="tiny", prompt="Paris is", max_tokens=10, temperature=0, stop=[stop]
-        )
-        assert cut.choices[0].text == text[: text.find(stop)]
-        assert cut.choices[0].finish_reason == "stop"
+    assert len(text) >= 4  # (greedy on a fixed tiny model: always the same text)
+    stop = text[2:4]
+    cut = client.completions.create(
+        model="tiny", prompt="Paris is", max_tokens=10, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
     streamed = client.completions.create(
         model="tiny", prompt="Paris is", max_tokens=10, temperature=0, stream=True, logprobs=1
     )
