@@ -403,6 +403,11 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--url", help="an already running server (skips starting one; no RSS)")
+    ap.add_argument(
+        "--no-llama-cpp",
+        action="store_true",
+        help="skip llama.cpp's server (on a busy machine its spinning threads take hours)",
+    )
     ap.add_argument("--json-out", help="write every figure as JSON here")
     ap.add_argument("--markdown", action="store_true", help="print a bench/RESULTS.md section")
     args = ap.parse_args()
@@ -423,7 +428,7 @@ def main() -> None:
             proc.wait(30)
     gen_tps = generate_tokens_per_s(args) if 1 in args.clients else 0.0
     print(f"pellucid generate: {gen_tps:.1f} decode tokens/s", flush=True)
-    llama = llama_cpp_levels(args)
+    llama = "skipped (--no-llama-cpp)" if args.no_llama_cpp else llama_cpp_levels(args)
     if isinstance(llama, str):
         print(f"llama.cpp server: {llama}", flush=True)
     result = {
