@@ -88,7 +88,8 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
 def _write_error(path: Path, e: OSError) -> FileWriteError:
     """One line for a failed write: which file, why, and that nothing was lost."""
     kept = "the previous file is intact" if path.is_file() else "nothing was written"
-    error = FileWriteError(f"could not write {path}: {e.strerror or e}; {kept}")
+    why = e.strerror or f"{e} (a short write: is the disk full?)"  # numpy's tofile says only that
+    error = FileWriteError(f"could not write {path}: {why}; {kept}")
     error.errno, error.strerror = e.errno, e.strerror  # for callers that tell EFBIG from ENOSPC
     return error
 

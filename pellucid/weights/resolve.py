@@ -47,6 +47,7 @@ from pellucid.weights import adapter
 from pellucid.weights.checkpoint import (
     CHECKPOINTS,
     MANIFEST,
+    checkpoint_dirs,
     latest_good,
     load_model_weights,
     read_json,
@@ -151,7 +152,14 @@ def checkpoint_folder(spec: str | Path) -> Path:
         return path
     found = latest_good(path)
     if found is None:
-        raise CheckpointError(f"{spec} holds no complete checkpoint (checkpoints/step_*/)")
+        newest = checkpoint_dirs(path)[-1:]
+        why = ""
+        try:  # say why the newest one does not count (latest_good only logged it)
+            for folder in newest:
+                verify(folder)
+        except CheckpointError as e:
+            why = f"; the newest: {e}"
+        raise CheckpointError(f"{spec} holds no complete checkpoint (checkpoints/step_*/){why}")
     return found
 
 
