@@ -49,6 +49,7 @@ from pellucid.files import atomic_write, sha256_file
 from pellucid.model.lora import DEFAULT_TARGETS
 from pellucid.recipes import config_hash, default_run_dir, run_mfu
 from pellucid.train.evaluate import class_metrics, exact_match, lm_metrics
+from pellucid.train.memory import check_fits
 from pellucid.train.metrics import PLOT_FILE, plot_curves, read_metrics
 from pellucid.train.objectives import class_loss, sft_loss
 from pellucid.train.trainer import TrainConfig, TrainState, seed_everything, train
@@ -258,6 +259,8 @@ def _prepare(run: FinetuneRun) -> _Prepared:
         def scores(m: torch.nn.Module) -> dict[str, Any]:
             return class_metrics(m, val, len(labels), B) if val else {}
 
+    longest = max_len if ft.pack and run.task == "sft" else max(len(e.ids) for e in enc)
+    check_fits(loaded.model.cfg, B, context_len=longest)  # before a batch of B rows is drawn
     batches = ExampleSampler(items, B, seed, collate)
     # Without validation rows there is nothing to evaluate during training (it would log NaN).
     return _Prepared(

@@ -137,6 +137,8 @@ def load_run_config(
         if item.split("=", 1)[0].strip() == "model.preset":
             preset = item.split("=", 1)[1].strip()
             rest.remove(item)
+    if not isinstance(preset, str):  # a TOML number or list; would fail deep in difflib
+        raise ConfigError(f"config key 'model.preset' expects a preset name, got {preset!r:.60}")
     if preset not in PRESETS:
         near = difflib.get_close_matches(preset, PRESETS, n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(PRESETS)})"

@@ -48,11 +48,11 @@ from pellucid.align.evaluate import greedy_replies, oracle_scores, reply_kl
 from pellucid.align.reward import need_reward_model, score_replies
 from pellucid.align.rollouts import Reward, RLConfig, Rollouts, policy_of
 from pellucid.data.preferences import PromptRow, read_prompts
+from pellucid.data.tasks import normalize_answer
 from pellucid.errors import ConfigError, DataError
 from pellucid.files import atomic_open, atomic_write, sha256_file
 from pellucid.finetune import LoraConfig
 from pellucid.recipes import config_hash, default_run_dir
-from pellucid.data.tasks import normalize_answer
 from pellucid.train.objectives import grpo_loss, ppo_loss
 from pellucid.train.trainer import (
     TrainConfig,

@@ -31,9 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pellucid.data.preferences import PreferencePair, PromptRow
-from pellucid.data.tasks import COLORS, WORDS, make_tasks
+from pellucid.data.tasks import COLORS, WORDS, make_tasks, normalize_answer
 from pellucid.errors import DataError
-from pellucid.data.tasks import normalize_answer
 
 _NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 Scorer = Callable[[str, str, "str | None"], float]

@@ -91,8 +91,9 @@ def cmd_data(args: argparse.Namespace) -> int:
         import json
 
         from pellucid.data.tasks import make_tasks
-        from pellucid.files import atomic_open
+        from pellucid.files import atomic_open, check_output
 
+        check_output(args.out, "file")  # before generating
         rows = make_tasks(args.name, args.n, args.seed)
         with atomic_open(args.out, "w") as out:
             out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

@@ -41,6 +41,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from pellucid import finetune
     from pellucid.errors import ConfigError
+    from pellucid.files import check_output
 
     extra = []
     if args.eval_data:
@@ -59,7 +60,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             args.task, args.model, args.data or "", lora=args.lora,
             assignments=extra + args.overrides,
         )  # fmt: skip
-        result = finetune.finetune(run, Path(args.out) if args.out else None)
+        out = check_output(args.out, "dir") if args.out else None  # before loading anything
+        result = finetune.finetune(run, out)
     print(f"before: {finetune._fmt(result.before)}")
     print(f"after:  {finetune._fmt(result.after)}  ({result.state.step} steps)")
     print(f"run directory: {result.run_dir} (a model spec: pellucid chat --model {result.run_dir})")

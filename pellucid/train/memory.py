@@ -75,9 +75,13 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits(cfg: ModelConfig, batch_size: int, available: int | None = None) -> MemoryEstimate:
-    """Raise ConfigError, saying how much would be needed, when training cannot fit in memory."""
-    need = estimate(cfg, batch_size)
+def check_fits(
+    cfg: ModelConfig, batch_size: int, available: int | None = None, context_len: int | None = None
+) -> MemoryEstimate:
+    """Raise ConfigError, saying how much would be needed, when training cannot fit in memory.
+
+    context_len: the longest row of a batch when shorter than the model's context (fine-tuning)."""
+    need = estimate(cfg, batch_size, context_len)
     have = available_bytes() if available is None else available
     if need.total_bytes > have:
         gb = 1 << 30
@@ -85,7 +89,7 @@ def check_fits(cfg: ModelConfig, batch_size: int, available: int | None = None) 
             f"this run needs about {need.total_bytes / gb:,.1f} GB to train "
             f"({need.parameters:,} parameters: {need.state_bytes / gb:,.1f} GB of weights, "
             f"gradients and AdamW moments; {need.activation_bytes / gb:,.1f} GB of activations "
-            f"at train.batch_size={batch_size}, context {cfg.context_len}), but only "
+            f"at train.batch_size={batch_size}, context {context_len or cfg.context_len}), but only "
             f"{have / gb:,.1f} GB is available: use a smaller model.* or train.batch_size"
         )
     return need

@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import torch
 
+from pellucid.errors import FileWriteError
 from pellucid.files import atomic_open, atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -73,9 +74,17 @@ class MetricsLog:
         self._file: IO[str] | None = None
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as e:  # disk full: one line; a torn last line is skipped by read_metrics
+            with contextlib.suppress(OSError):  # closing flushes the same bytes, failing again
+                self.close()
+            self._file = None
+            raise FileWriteError(
+                f"could not append to {self.path}: {e.strerror}; the records before are intact"
+            ) from None
 
     def truncate_after(self, step: int) -> None:
         """Drop the records of steps after `step` (a resumed run rewrites them)."""

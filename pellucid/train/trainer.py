@@ -46,13 +46,14 @@ from pellucid.train.metrics import MetricsLog, ProgressBar, measure_peak_flops
 from pellucid.train.objectives import Objective
 from pellucid.train.optim import build_optimizer, lr_at, set_lr
 from pellucid.weights.checkpoint import (
+    RESUME_SHAPE,
     checkpoint_path,
     latest_good,
     load_checkpoint,
     optimizer_state_dict,
-    read_json,
     read_model_weights,
     read_optimizer,
+    read_state,
     rng_state,
     save_checkpoint,
     set_aside_after,
@@ -399,9 +400,9 @@ def _start(
     if path is None:
         raise CheckpointError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
     if world.size == 1:
-        saved = load_checkpoint(path, model, optimizer)
+        saved = load_checkpoint(path, model, optimizer, RESUME_SHAPE)
     else:  # every rank reads the full state and keeps its part
-        saved = read_json(path / "state.json")
+        saved = read_state(path, RESUME_SHAPE)
         osd = optimizer_state_dict(optimizer, *read_optimizer(path, saved))
         dist.apply_state(model, optimizer, read_model_weights(path), osd)
     state = TrainState(**saved["train_state"])

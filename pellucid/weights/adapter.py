@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from pellucid.errors import WeightsFormatError
-from pellucid.files import atomic_write, sha256_file
+from pellucid.files import atomic_write, read_json, sha256_file
 from pellucid.model.heads import Classifier, ScalarHead, train_last_blocks
 from pellucid.model.lora import apply_lora, lora_layers
 from pellucid.model.transformer import Transformer
@@ -36,6 +36,12 @@ META_FILE = "finetune.json"  # in run directories and checkpoints
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
+# The fields `build` and the loaders read, with their types (pellucid.files.check_shape).
+META_SHAPE = {
+    "format": str, "base": str, "base_sha256": str, "task": str, "method": str,
+    "labels?": [str], "train_last?": int,
+    "lora?": {"targets": [str], "rank": int, "alpha": (int, float), "dropout?": (int, float)},
+}  # fmt: skip
 
 
 def spec_sha256(source: Path) -> str:
@@ -49,18 +55,12 @@ def spec_sha256(source: Path) -> str:
 
 def read_meta(path: Path) -> dict[str, Any]:
     """A finetune.json / adapter_config.json, checked for the fields `build` needs."""
-    try:
-        meta = json.loads(Path(path).read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsFormatError(f"{path}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json(path, WeightsFormatError, shape=META_SHAPE)
+    if meta["format"] != FORMAT:
         raise WeightsFormatError(f"{path}: not a {FORMAT} file")
-    for key, kind in (("base", str), ("base_sha256", str), ("task", str), ("method", str)):
-        if not isinstance(meta.get(key), kind):
-            raise WeightsFormatError(f"{path}: field '{key}' missing or not a {kind.__name__}")
-    if meta["task"] == "classify" and not isinstance(meta.get("labels"), list):
+    if meta["task"] == "classify" and meta.get("labels") is None:
         raise WeightsFormatError(f"{path}: a classify run needs its 'labels' list")
-    if meta["method"] == "lora" and not isinstance(meta.get("lora"), dict):
+    if meta["method"] == "lora" and meta.get("lora") is None:
         raise WeightsFormatError(f"{path}: a LoRA run needs its 'lora' settings")
     return meta
 

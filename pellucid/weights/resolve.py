@@ -25,7 +25,6 @@ unpickled or executed from a model file.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pellucid import files
 from pellucid.config import from_dict
 from pellucid.errors import CheckpointError, ConfigError, WeightsFormatError
 from pellucid.gguf_reader import read_gguf
@@ -47,6 +47,7 @@ from pellucid.weights import adapter
 from pellucid.weights.checkpoint import (
     CHECKPOINTS,
     MANIFEST,
+    checkpoint_dirs,
     latest_good,
     load_model_weights,
     read_json,
@@ -158,15 +159,20 @@ def checkpoint_folder(spec: str | Path) -> Path:
         return path
     found = latest_good(path)
     if found is None:
-        raise CheckpointError(f"{spec} holds no complete checkpoint (checkpoints/step_*/)")
+        newest = checkpoint_dirs(path)[-1:]
+        why = ""
+        try:  # say why the newest one does not count (latest_good only logged it)
+            for folder in newest:
+                verify(folder)
+        except CheckpointError as e:
+            why = f"; the newest: {e}"
+        raise CheckpointError(f"{spec} holds no complete checkpoint (checkpoints/step_*/){why}")
     return found
 
 
 def model_config(folder: Path) -> ModelConfig:
     """The ModelConfig recorded in a checkpoint's config.json (its `model` section)."""
-    data = read_json(Path(folder) / "config.json")
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise CheckpointError(f"{folder}/config.json has no 'model' section")
+    data = read_json(Path(folder) / "config.json", {"model": dict})
     return from_dict(ModelConfig, data["model"], "model.")
 
 
@@ -239,12 +245,9 @@ def _load_hf(folder: Path, device: str | torch.device | None, nonfinite: bool) -
 
 def _is_hf_config(folder: Path) -> bool:
     """A transformers config.json names its architecture; a run's config.json has a `model` table."""
-    path = folder / "config.json"
     try:
-        if path.stat().st_size > MAX_JSON:
-            return True  # let load_hf refuse it, by name
-        c = json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        c = files.read_json(folder / "config.json", WeightsFormatError, max_bytes=MAX_JSON)
+    except WeightsFormatError:
         return True  # let load_hf report what is wrong with it
     return isinstance(c, dict) and ("architectures" in c or "model_type" in c)
 
@@ -263,6 +266,8 @@ def load(
     raises one PellucidError line naming the spec and the cause.
     """
     path = resolve_name(str(spec)) if names_only else resolve_path(spec)
+    if not (path.is_file() or path.is_dir()):  # a FIFO or a device could block or never end
+        raise WeightsFormatError(f"{path}: not a regular file or folder (give {_KINDS})")
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
             refuse_pickle(path)
