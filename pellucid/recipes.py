@@ -98,7 +98,7 @@ DEMO_MODEL = [
 ]  # fmt: skip
 DEMO_TRAIN = [
     "train.batch_size=16", "train.lr=5e-3", "train.min_lr=5e-4", "train.weight_decay=0.1",
-    "train.eval_batches=0", "train.checkpoint_every=0", "train.device=cpu", "train.dtype=float32",
+    "train.eval_batches=0", "train.checkpoint_every=0", "train.device=cpu", "train.dtype=auto",
     "train.warmup_steps=50", "train.log_every=100",
 ]  # fmt: skip
 DEMO_PROMPTS = ("\n", "KING.\n", "Enter ")
