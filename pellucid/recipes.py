@@ -44,12 +44,12 @@ from pellucid.train import distributed
 from pellucid.train.memory import check_fits, parameter_count
 from pellucid.train.metrics import PLOT_FILE, measure_peak_flops, plot_curves, read_metrics
 from pellucid.train.objectives import lm_loss
+from pellucid.train.precision import resolve_dtype
 from pellucid.train.trainer import (
     TrainConfig,
     TrainState,
     evaluate_objective,
     resolve_device,
-    resolve_dtype,
     seed_everything,
     train,
 )
@@ -103,7 +103,7 @@ DEMO_MODEL = [
 ]  # fmt: skip
 DEMO_TRAIN = [
     "train.batch_size=16", "train.lr=5e-3", "train.min_lr=5e-4", "train.weight_decay=0.1",
-    "train.eval_batches=0", "train.checkpoint_every=0", "train.device=cpu", "train.dtype=float32",
+    "train.eval_batches=0", "train.checkpoint_every=0", "train.device=cpu", "train.dtype=auto",
     "train.warmup_steps=50", "train.log_every=100",
 ]  # fmt: skip
 DEMO_PROMPTS = ("\n", "KING.\n", "Enter ")
@@ -384,10 +384,12 @@ def _scored_run(run_dir: Path, docs: list[Document], val_fraction: float) -> Run
 
 
 def run_mfu(state: TrainState, cfg: TrainConfig) -> float:
-    """Model FLOP/s over the steps / the measured matmul peak of the run's device and dtype."""
-    device = resolve_device(cfg.device)
-    peak = measure_peak_flops(str(device), resolve_dtype(cfg.dtype, device))
-    return state.flops / state.train_time_s / peak if state.train_time_s else 0.0
+    """Model FLOP/s over the steps / the measured matmul peak of the dtype the run computed in."""
+    if not state.train_time_s:
+        return 0.0
+    device = resolve_device(cfg.device)  # a state saved before peaks were kept: measure again
+    peak = state.peak_flops or measure_peak_flops(str(device), resolve_dtype(cfg.dtype, device))
+    return state.flops / state.train_time_s / peak
 
 
 def write_report(
@@ -425,6 +427,8 @@ def write_report(
         f"- {state.tokens:,} tokens, {tps:,.0f} tokens/s on {run.train.device} "
         f"({torch.get_num_threads()} threads), MFU {100 * run_mfu(state, run.train):.1f}% of this "
         "machine's measured matmul peak",
+        f"- precision: {state.precision or run.train.dtype}; MFU's peak: "
+        f"{state.peak_flops / 1e9:,.0f} GFLOP/s, measured in that dtype",
         "",
         "## Samples (temperature 0.8, top-k 50)",
         *[f"**{p!r}** ->\n\n```\n{p}{text}\n```\n" for p, text in samples],
