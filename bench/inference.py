@@ -6,6 +6,7 @@ llama.cpp side by side, measured in one run.
     python bench/inference.py --modes auto,fp32,q8   # more pellucid modes (infer/quant.py)
     python bench/inference.py --quality              # + perplexity of each pellucid mode
     python bench/inference.py --threads 1 --cpu-time # CPU seconds, not wall: for a busy machine
+    python bench/inference.py --breakdown            # + a batch-1 decode step: matrices vs the rest
 
 For each system:
 - prefill tokens/s: a 512-token prompt to its first token (pellucid: Engine.complete with one new
@@ -193,6 +194,38 @@ class LlamaCpp:
         return clock() - start
 
 
+def breakdown(model, steps: int = 32) -> tuple[float, float]:
+    """(seconds per batch-1 decode step, of which in the matrix kernels): the FastDecoder's
+    forward and output head over a KV cache of 40 tokens, then every matrix of the step alone
+    on a random input (median of `steps`). The difference is the step's "other": norms, RoPE,
+    attention, cache writes, and the Python around them."""
+    from pellucid.infer import kernels
+    from pellucid.infer.decode import FastDecoder
+    from pellucid.model.kv_cache import KVCache
+
+    fast = FastDecoder.build(model)
+    cache = KVCache(model.cfg, 1, 128)
+    cache.advance(40)
+    ids = torch.ones(1, 1, dtype=torch.long)
+    times = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            times.append(timed(lambda: model.logits(fast.forward_hidden(ids, cache=cache)[:, -1])))
+            cache.advance(1)
+    mats = [m for layer in fast.layers for m in (layer[1], layer[4], layer[6], layer[7])]
+    mats.append(model.lm_head.mat)
+    outs = [np.empty((1, m[1].shape[0]), np.float32) for m in mats]
+    xs = [np.random.randn(1, m[2].shape[1] * 32).astype(np.float32) for m in mats]
+
+    def matrices() -> None:
+        for m, x, out in zip(mats, xs, outs, strict=True):
+            kernels.matmul(m, x, out, False)
+
+    matrices()
+    per_matrix = sorted(timed(matrices) for _ in range(steps))
+    return sorted(times)[steps // 2], per_matrix[steps // 2]
+
+
 def perplexity(model, ids: list[int], window: int = 1024) -> float:
     nll, count = 0.0, 0
     with torch.inference_mode():
@@ -214,6 +247,7 @@ def main() -> None:
     ap.add_argument("--llama-cpp", action="store_true", help="add llama.cpp (llama-cpp-python)")
     ap.add_argument("--cpu-time", action="store_true", help="this process's CPU seconds (1 thread)")
     ap.add_argument("--quality", action="store_true", help="perplexity on 100 KB of held-out text")
+    ap.add_argument("--breakdown", action="store_true", help="a decode step: matrices vs the rest")
     args = ap.parse_args()
     if args.cpu_time:
         if args.threads != 1:
@@ -275,6 +309,12 @@ def main() -> None:
         print(
             f"  {name}: "
             + "; ".join(f"{k} " + ", ".join(f"{x:.1f}" for x in v) for k, v in r.items())
+        )
+    if args.breakdown and "auto" in args.modes.split(","):
+        step, mats = breakdown(systems["pellucid default (auto)"].model)
+        print(
+            f"batch-1 decode step of the default mode: {step * 1e3:.2f} ms, of which matrices "
+            f"{mats * 1e3:.2f} ms and everything else {(step - mats) * 1e3:.2f} ms"
         )
     if args.quality:
         held_out = tok.encode(text[-100_000:])
