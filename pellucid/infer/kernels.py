@@ -19,7 +19,8 @@ Why the loops look the way they do (measured on an AMD EPYC with AVX-512, bench/
 - Nibbles are split in float arithmetic: f = byte; hi = floor(f / 16); lo = f - 16 hi. With
   integer `& 15` / `>> 4` numba widens each byte to int64 and the loop runs at half the speed.
 - Q4 with one input row: x is split beforehand into the halves under the low and high nibbles
-  (xlo, xhi) and its block sums, so the block minimum costs m * sum(x) once per block.
+  (xlo, xhi) and its block sums, so the block minimum costs m * sum(x) once per block; and
+  byte * xlo + hi * (xhi - 16 xlo) = lo * xlo + hi * xhi saves computing lo (12-26% faster).
 - Several input rows (batched decoding): in groups of 4, each weight is decoded once and serves
   all 4 rows (the weights are read from memory once per step, not once per sequence).
 - Each kernel runs `prange` over output rows: one parallel region per matrix product.
@@ -51,6 +52,7 @@ def q4_matmul(
             b, i = j >> 4, j & 15
             xlo[r, j], xhi[r, j] = x[r, 32 * b + i], x[r, 32 * b + 16 + i]
             xsum[r, b] += xlo[r, j] + xhi[r, j]
+    x2 = xhi - _F(16.0) * xlo  # byte * xlo + hi * x2 = lo * xlo + hi * xhi, one op less
     M4 = M - M % 4
     for n in prange(N):
         for g in range(0, M4, 4):  # 4 input rows per pass: each weight decoded once for them
@@ -70,8 +72,7 @@ def q4_matmul(
             acc = _F(0.0)
             for j in range(H):
                 f = _F(p[n, j])
-                hi = np.floor(f * _F(0.0625))
-                acc += d[n, j >> 4] * ((f - _F(16.0) * hi) * xlo[r, j] + hi * xhi[r, j])
+                acc += d[n, j >> 4] * (f * xlo[r, j] + np.floor(f * _F(0.0625)) * x2[r, j])
             for b in range(nb):
                 acc += m[n, b] * xsum[r, b]
             out[r, n] = out[r, n] + acc if add else acc
