@@ -31,9 +31,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-# numba compiles these on first use and caches the machine code next to this file.
-_parallel = njit(parallel=True, fastmath=True, cache=True)
-_serial = njit(fastmath=True, cache=True)
+# numba compiles these on first use and caches the machine code next to this file. NumPy's error
+# model: a division by zero gives inf/NaN (which the engine reports as NaN logits), not an
+# exception from deep inside a kernel.
+_parallel = njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+_serial = njit(fastmath=True, cache=True, error_model="numpy")
 
 Q4, Q8, F32 = 0, 1, 2  # matrix kinds
 _F = np.float32
