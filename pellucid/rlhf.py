@@ -54,12 +54,11 @@ from pellucid.files import atomic_open, atomic_write, sha256_file
 from pellucid.finetune import LoraConfig
 from pellucid.recipes import config_hash, default_run_dir
 from pellucid.train.objectives import grpo_loss, ppo_loss
+from pellucid.train.precision import autocast, resolve_dtype
 from pellucid.train.trainer import (
     TrainConfig,
     TrainState,
-    autocast,
     resolve_device,
-    resolve_dtype,
     seed_everything,
     train,
 )
