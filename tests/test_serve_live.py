@@ -501,13 +501,20 @@ def test_short_soak_with_churn_keeps_valid_requests_error_free():
         assert me.num_fds() <= fds_early + 5 and me.memory_info().rss < 1.1 * rss_early
 
 
-# --- the README's examples (docs/readme/serve.md), as written ---------------------------------------
+# --- the README's examples (its serving section), as written --------------------------------------
 
-README = Path(__file__).parents[1] / "docs" / "readme" / "serve.md"
+README = Path(__file__).parents[1] / "README.md"
+
+
+def serving_section() -> str:
+    """README.md from "## Serving" up to the web pages' subsection: the API's text and examples."""
+    text = README.read_text()
+    start = text.index("## Serving")
+    return text[start : text.index("### In the browser", start)]
 
 
 def readme_blocks(lang):
-    return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), re.S)
+    return re.findall(rf"```{lang}\n(.*?)```", serving_section(), re.S)
 
 
 def test_the_readme_examples_work_as_written(capsys):
@@ -528,7 +535,7 @@ def test_the_readme_examples_work_as_written(capsys):
             )
             reply = json.loads(run.stdout)
             assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] >= 1
-    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", README.read_text()))
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", serving_section()))
     parser = argparse.ArgumentParser()
     add_serve(parser.add_subparsers())
     known = set(parser._subparsers._group_actions[0].choices["serve"]._option_string_actions)

@@ -42,7 +42,7 @@ def add_quant(p: argparse.ArgumentParser) -> None:
         choices=["auto", "fp32", "q8", "q4"],
         default="auto",
         help="weights for decoding: auto = a GGUF file's own blocks (its model exactly), other "
-        "float weights as 8-bit blocks; fp32 = float32; q8, q4 = requantize (docs/readme/speed.md)",
+        "float weights as 8-bit blocks; fp32 = float32; q8, q4 = requantize (README: Speed)",
     )
 
 
