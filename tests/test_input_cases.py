@@ -193,6 +193,17 @@ def test_generate_nul_and_control_characters(monkeypatch, capsys, gguf_file, tok
     assert code == 0 and got["prompt_ids"] == tok.encode(CONTROL.replace("\x00", ""))
 
 
+def test_system_prompts_in_argv_with_lone_surrogates_become_u_fffd(
+    monkeypatch, capsys, gguf_file, tok
+):
+    code, got, err = generate(capsys, gguf_file, "hi", "--chat", "--system", "s\udcff\ud800")
+    assert code == 0, err
+    assert "s\ufffd\ufffd" in tok.decode(got["prompt_ids"])
+    stdin_bytes(monkeypatch, b"hi\n")
+    code = main(["chat", "--model", str(gguf_file), "--system", "s\udcff", "--max-new-tokens", "2"])
+    assert code == 0 and "Traceback" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("n", [CTX_CLI - 1, CTX_CLI, CTX_CLI + 1])
 def test_generate_prompt_at_and_past_the_context(capsys, gguf_file, tok, n):
     code, got, err = generate(capsys, gguf_file, n_token_text(tok, n))
