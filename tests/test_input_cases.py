@@ -428,6 +428,28 @@ def test_server_prompt_at_and_past_the_context(served, route, n):
     assert f"{CTX_SERVER} tokens" in err["message"] and f"{n} tokens" in err["message"]
 
 
+def test_explain_route_and_cli_take_every_input_case(served, capsys, gguf_file):
+    """/v1/explain (the explain page's API) and `pellucid explain --json` on the same cases.
+    A lone surrogate used to reach the JSON encoder through the echoed prompt: a 500."""
+    client, _, _ = served
+    for raw, status in [
+        (b'""', 400),
+        (json.dumps(MB).encode(), 400),
+        (b'"a\xffb"', 400),
+        (b'"x\\ud800y"', 200),
+        (json.dumps(CONTROL).encode(), 200),
+    ]:
+        r = client.post("/v1/explain", content=b'{"prompt": ' + raw + b"}")
+        assert r.status_code == status, (raw[:20], r.text)
+        if status == 400:
+            assert "\n" not in error_of(r)["message"]
+    assert r.json()["prompt"] == CONTROL
+    r = client.post("/v1/explain", content=b'{"prompt": "x\\ud800y"}')
+    assert r.json()["prompt"] == "x\ufffdy" and r.json()["tokens"]
+    assert main(["explain", "x\ud800y", "--model", str(gguf_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "x\ufffdy"
+
+
 # --- real bytes through a real process (slow: a Python start each) -------------------------------
 
 
