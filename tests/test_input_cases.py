@@ -428,6 +428,26 @@ def test_server_prompt_at_and_past_the_context(served, route, n):
     assert f"{CTX_SERVER} tokens" in err["message"] and f"{n} tokens" in err["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        (
+            "/v1/chat/completions",
+            b'{"model": "\\ud800", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+        ),
+        ("/v1/completions", b'{"model": "m\\udfff", "prompt": "x"}', 404),
+        ("/v1/explain", b'{"prompt": "x", "\\ud800": 1}', 400),
+    ],
+)
+def test_lone_surrogates_echoed_in_an_error_are_a_4xx_not_a_500(served, path, body, status):
+    # These used to be 500s: the error message quoted the name, and JSON could not encode it.
+    client, _, _ = served
+    err = error_of(client.post(path, content=body), status)
+    assert FFFD in err["message"]
+    assert healthy(client)
+
+
 def test_explain_route_and_cli_take_every_input_case(served, capsys, gguf_file):
     """/v1/explain (the explain page's API) and `pellucid explain --json` on the same cases.
     A lone surrogate used to reach the JSON encoder through the echoed prompt: a 500."""
