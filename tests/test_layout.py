@@ -131,6 +131,14 @@ def test_no_pickle_exec_or_unsafe_load():
     assert not bad, bad
 
 
+def test_bench_scripts_hold_no_pickle_exec_or_unsafe_load():
+    """The same scan over bench/: the scripts load models and results too (issue 16 item 8)."""
+    scripts = sorted((PKG.parent / "bench").glob("*.py"))
+    assert len(scripts) >= 5
+    bad = {p.name: f for p in scripts if (f := _forbidden(ast.parse(p.read_text())))}
+    assert not bad, bad
+
+
 def test_the_scan_catches_what_it_should():
     src = "import torch, pickle\ntorch.load('x')\nexec('1')\nimport numpy as np\nnp.load('a', allow_pickle=True)\n"
     found = _forbidden(ast.parse(src))

@@ -216,3 +216,36 @@ def test_port_0_loopback_only_and_sigterm_lets_in_flight_requests_finish(gguf_pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_ranking_page_listens_on_loopback_only(tmp_path, monkeypatch):
+    """`pellucid rank` serves the page with no key, so it must never leave 127.0.0.1: it binds
+    there and has no --host flag to say otherwise (issue 16 item 8)."""
+    import uvicorn
+    from serve_util import tiny_loaded
+
+    import pellucid.cli.serve as cli_serve
+    from pellucid.align.store import Store
+    from pellucid.cli.rank import serve_page
+
+    hosts, real_bind = [], cli_serve.bind
+    monkeypatch.setattr(
+        cli_serve, "bind", lambda host, port: hosts.append(host) or real_bind(host, port)
+    )
+    served = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.extend(sockets))
+    store = Store(tmp_path / "s.sqlite")
+    try:
+        model = store.add_model("tiny", {})
+        assert (
+            serve_page(
+                argparse.Namespace(model="tiny", port=0), tiny_loaded(), store, model, "tiny", "ada"
+            )
+            == 0
+        )
+    finally:
+        store.close()
+    assert hosts == ["127.0.0.1"] and served[0].getsockname()[0] == "127.0.0.1"
+    served[0].close()
+    with pytest.raises(SystemExit):
+        main(["rank", "--prompts", "p.jsonl", "--db", "d.sqlite", "--host", "0.0.0.0"])

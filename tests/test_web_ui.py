@@ -9,12 +9,14 @@ The explain page runs the real producer on a tiny model.
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import math
 import random
 import shutil
 import sys
 import threading
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -447,6 +449,47 @@ def test_explain_page_shows_the_servers_error_in_words(page, live):
     assert "up to 128 tokens" in page.inner_text("#status")
     assert page.is_hidden("#result") and page.is_enabled("#run")
     page.errors.clear()  # Chromium logs the 400 response itself
+
+
+def js_visible(text):  # what the pages show for a token (common.js visible), written out again
+    text = text.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5")
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c for c in text)
+
+
+def test_hostile_model_output_on_the_explain_page_stays_inert(page, live, monkeypatch):
+    """Every token text the producer returns (prompt chips, nearest embeddings, attention rows,
+    logit lens, sampling stages, the chosen token) replaced by a payload: all shown as text."""
+    payloads, served = itertools.cycle(PAYLOADS), []
+
+    def hostile(value):
+        if isinstance(value, dict):
+            return {
+                k: next(payloads) if k == "text" and isinstance(v, str) else hostile(v)
+                for k, v in value.items()
+            }
+        return [hostile(v) for v in value] if isinstance(value, list) else value
+
+    def explain_hostile(*args, **kw):
+        served.append(hostile(explain(*args, **kw)))
+        return served[-1]
+
+    monkeypatch.setattr(pages, "explain", explain_hostile)
+    prompt = "<script>window.__x=1</script><img src=x onerror=window.__x=1>"
+    page.goto(live.url + "/explain?prompt=" + urllib.parse.quote(prompt))
+    page.wait_for_selector("#result:visible")
+    chips = page.locator("#tokens .chip").all_text_contents()
+    assert chips == [js_visible(t["text"]) for t in served[-1]["tokens"]]
+    assert any("<script>" in c or "onerror" in c for c in chips)  # payloads on screen, as text
+    page.select_option("#head", "1")
+    page.locator("#tokens .chip").nth(1).click()  # the attention row of a hostile token
+    page.fill("#top-k", "5")
+    page.press("#top-k", "Tab")  # a second answer: the sampling stages, hostile too
+    page.wait_for_selector(".stage:has-text('top-k')")
+    chosen = served[-1]["next_token"]["chosen"]["text"]
+    assert js_visible(chosen) in page.inner_text("#chosen")
+    assert page.evaluate(DOM_AUDIT) == {"bad": [], "x": "undefined", "scripts": 2}
+    assert not page.foreign, page.foreign  # nothing fetched from anywhere else
+    assert not page.errors, page.errors  # no CSP violation: nothing ever tried to run
 
 
 def test_screenshots_for_a_person(page, live, tmp_path):

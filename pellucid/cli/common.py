@@ -10,6 +10,19 @@ def emit_json(obj: object) -> None:
     print(json.dumps(obj, ensure_ascii=False, indent=2))
 
 
+def text_arg(value: str) -> str:
+    """A text argument as the tokenizer can take it: '-' reads all of stdin (the way to pass a
+    prompt larger than argv allows, ~128 KB on Linux), as UTF-8 with invalid bytes as U+FFFD;
+    undecodable argv bytes (which Python gives as lone surrogates) become U+FFFD too."""
+    import sys
+
+    from pellucid.tokenizer.bpe import valid_text
+
+    if value == "-":
+        return sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    return valid_text(value)
+
+
 _MODEL_HELP = (
     "model name (default smollm2-135m-instruct), .gguf file, Hugging Face folder, run directory "
     "or checkpoint"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pellucid.cli.common import emit_json
+from pellucid.cli.common import emit_json, text_arg
 
 
 def add_data(sub: argparse._SubParsersAction) -> None:
@@ -128,7 +128,7 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
         "--special", action="append", help="special token (repeatable; default <|endoftext|>)"
     )
     e = verbs.add_parser("encode", help="show each token of TEXT: its id, text and bytes")
-    e.add_argument("text", help="the text to encode")
+    e.add_argument("text", help="the text to encode ('-' reads stdin)")
     e.add_argument("--tokenizer", required=True, help="tokenizer.json, run directory or .gguf")
     e.add_argument(
         "--allow-special", action="store_true", help="read special-token text as control tokens"
@@ -141,7 +141,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from pellucid.tokenizer.bpe import ENDOFTEXT, Tokenizer, valid_text
+    from pellucid.tokenizer.bpe import ENDOFTEXT, Tokenizer
     from pellucid.tokenizer.formats import load_tokenizer
     from pellucid.tokenizer.pretokenize import bytes_to_str
 
@@ -169,7 +169,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
         print(f"{out}: {tok.vocab_size} tokens ({len(tok.merges)} merges) in {took:.1f} s")
         return 0
     tok = load_tokenizer(args.tokenizer)
-    text = valid_text(args.text)  # argv may carry lone surrogates (undecodable bytes): U+FFFD
+    text = text_arg(args.text)  # argv's undecodable bytes and stdin's invalid UTF-8: U+FFFD
     ids = tok.encode(text, allowed_special="all" if args.allow_special else frozenset())
     special = {i: s for s, i in tok.special_tokens.items()}
     raw = [tok.token_bytes(i) for i in ids]

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from pellucid.cli.common import add_model, add_sampling, emit_json, load, sampling
+from pellucid.cli.common import add_model, add_sampling, emit_json, load, sampling, text_arg
 from pellucid.errors import PellucidError
 
 if TYPE_CHECKING:
@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a model (streamed, or --json)")
-    p.add_argument("prompt", help="the prompt: raw text, or with --chat one user message")
+    p.add_argument(
+        "prompt", help="the prompt: raw text, or with --chat one user message ('-' reads stdin)"
+    )
     add_sampling(p, max_new_tokens=256, temperature=1.0)
     p.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
     p.add_argument("--system", help="system prompt for --chat (default: the template's own)")
@@ -34,12 +36,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loaded = load(args)
     tokenizer = loaded.tokenizer
     params = sampling(args, tokenizer, args.top_logprobs if args.json else 0)
+    prompt = text_arg(args.prompt)
     if args.chat:
         system = [] if args.system is None else [{"role": "system", "content": args.system}]
-        messages = [*system, {"role": "user", "content": args.prompt}]
+        messages = [*system, {"role": "user", "content": prompt}]
         prompt_ids = loaded.chat_template().encode(tokenizer, messages)
     else:
-        prompt_ids = tokenizer.encode(args.prompt)
+        prompt_ids = tokenizer.encode(prompt)
     engine = Engine(loaded.model, tokenizer)
     if not args.json:
         engine.complete(prompt_ids, params, on_text=lambda t: print(t, end="", flush=True))
@@ -119,6 +122,8 @@ def _responder(args: argparse.Namespace) -> tuple[Responder, SamplingParams, int
 def cmd_chat(args: argparse.Namespace) -> int:
     chat, params, ctx = _responder(args)
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 in a line becomes U+FFFD, whatever the
+        sys.stdin.reconfigure(errors="replace")  # locale (strict under most UTF-8 locales)
     while (line := _read_line(interactive)) is not None:
         command = line.strip()
         if command in ("/exit", "/quit"):

@@ -34,6 +34,7 @@ from pellucid.infer.sampling import (
 )
 from pellucid.model.kv_cache import bytes_per_token
 from pellucid.model.transformer import Trace, Transformer
+from pellucid.tokenizer.bpe import valid_text
 
 if TYPE_CHECKING:
     from pellucid.tokenizer.bpe import Tokenizer
@@ -273,6 +274,7 @@ def explain(
 ) -> dict[str, Any]:
     """The explain data for the next token after `prompt` (and `steps` more generated steps)."""
     params = params or SamplingParams(temperature=0.0)
+    prompt = valid_text(prompt)  # lone surrogates -> U+FFFD, as encode does: the echo is JSON-safe
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ConfigError("explain needs a prompt of at least one token")

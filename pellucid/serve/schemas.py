@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pellucid.errors import PellucidError
 from pellucid.infer.sampling import SamplingParams
+from pellucid.tokenizer.bpe import valid_text
 
 if TYPE_CHECKING:
     from pellucid.tokenizer.bpe import Tokenizer
@@ -48,6 +49,8 @@ class APIError(Exception):
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        # Both may quote the request, lone surrogates included: made encodable as JSON.
+        message, param = valid_text(message), None if param is None else valid_text(param)
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, dict(headers or {})
