@@ -268,7 +268,7 @@ def cmd_spam(args: argparse.Namespace) -> dict:
         f"train.lr={args.lr}", f"train.min_lr={args.lr / 10}", f"train.seed={args.seed}",
         f"finetune.val_fraction={args.val_fraction}", f"finetune.max_len={args.max_len}",
         "finetune.truncate=true", "train.progress=false", "train.log_every=10",
-        f"train.checkpoint_every={args.steps}",
+        f"train.checkpoint_every={args.steps}", f"train.dtype={args.dtype}",
     ]  # fmt: skip
     if not args.lora:
         sets.append(f"finetune.train_last={args.train_last}")
@@ -280,7 +280,7 @@ def cmd_spam(args: argparse.Namespace) -> dict:
     } | {
         "before_accuracy": result.before["accuracy"], "method": "lora" if args.lora else
         f"head + last {args.train_last} blocks", "steps": result.state.step,
-        "max_len": args.max_len, "trainable": result.params[0], "wall_s": time.perf_counter() - t0,
+        "max_len": args.max_len, "dtype": args.dtype, "trainable": result.params[0], "wall_s": time.perf_counter() - t0,
         "train_s": result.state.train_time_s, "run_dir": str(out / "run"),
     }  # fmt: skip
     r["machine"] = machine()
@@ -375,6 +375,12 @@ def main() -> None:
     c.add_argument("--train-last", type=int, default=2, help="blocks trained with the head")
     c.add_argument("--val-fraction", type=float, default=0.1)
     c.add_argument("--seed", type=int, default=1337)
+    c.add_argument(
+        "--dtype",
+        default="float32",
+        help="train.dtype (bfloat16: training and "
+        "scoring under bf16 autocast, on CPUs with bf16 matmuls)",
+    )
     c.add_argument("--baselines-only", action="store_true")
     c.add_argument("--out")
     t = sub.add_parser("throughput", help="(d): tokens/s and MFU of fine-tuning steps")
