@@ -6,6 +6,9 @@
                                                    #     majority class and bag-of-words logistic
                                                    #     regression on the same split
     python bench/finetune.py throughput            # (d) tokens/s and MFU of LoRA and full SFT steps
+    python bench/finetune.py --model small throughput --cpu-time
+                                                   #     the demo model's shape; 1 thread timed
+                                                   #     in CPU time (bench/train.py --cpu-time)
 
 `sft` generates its data with the task generator (`pellucid data tasks mix`, training prompts from
 seed 0, held-out prompts from seed 1; training rows whose prompt also occurs in the held-out file
@@ -25,6 +28,7 @@ the base, 4N; SFT runs the output head on reply tokens only).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -34,7 +38,9 @@ import statistics
 import subprocess
 import tempfile
 import time
+import types
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,7 +50,7 @@ from pellucid.data.jsonl import read_jsonl, split
 from pellucid.data.tasks import make_tasks, normalize_answer
 from pellucid.finetune import finetune, load_finetune_config
 from pellucid.train.evaluate import confusion_matrix, macro_f1
-from pellucid.train.metrics import measure_peak_flops, read_metrics
+from pellucid.train.metrics import matmul_flops, read_metrics
 from pellucid.train.objectives import sft_loss
 from pellucid.train.trainer import TrainConfig, seed_everything, train
 from pellucid.weights.resolve import load
@@ -268,7 +274,7 @@ def cmd_spam(args: argparse.Namespace) -> dict:
         f"train.lr={args.lr}", f"train.min_lr={args.lr / 10}", f"train.seed={args.seed}",
         f"finetune.val_fraction={args.val_fraction}", f"finetune.max_len={args.max_len}",
         "finetune.truncate=true", "train.progress=false", "train.log_every=10",
-        f"train.checkpoint_every={args.steps}",
+        f"train.checkpoint_every={args.steps}", f"train.dtype={args.dtype}",
     ]  # fmt: skip
     if not args.lora:
         sets.append(f"finetune.train_last={args.train_last}")
@@ -280,7 +286,7 @@ def cmd_spam(args: argparse.Namespace) -> dict:
     } | {
         "before_accuracy": result.before["accuracy"], "method": "lora" if args.lora else
         f"head + last {args.train_last} blocks", "steps": result.state.step,
-        "max_len": args.max_len, "trainable": result.params[0], "wall_s": time.perf_counter() - t0,
+        "max_len": args.max_len, "dtype": args.dtype, "trainable": result.params[0], "wall_s": time.perf_counter() - t0,
         "train_s": result.state.train_time_s, "run_dir": str(out / "run"),
     }  # fmt: skip
     r["machine"] = machine()
@@ -291,6 +297,11 @@ def cmd_spam(args: argparse.Namespace) -> dict:
 
 
 # --- (d): throughput in bench/train.py's harness -----------------------------------------------
+
+
+def peak_flops(clock: Callable[[], float]) -> float:
+    """bench/train.py's peak: the best fp32 1024^3 matmul rate of two half-second runs."""
+    return max(matmul_flops(torch.device("cpu"), torch.float32, 0.5, clock) for _ in range(2))
 
 
 def real_flops_per_token(model: torch.nn.Module, lora: bool, reply_share: float, T: int) -> float:
@@ -305,16 +316,40 @@ def real_flops_per_token(model: torch.nn.Module, lora: bool, reply_share: float,
     return per_weight * blocks + head + 6 * lora_params + 12 * cfg.n_layer * cfg.n_embd * T
 
 
+def pellucid_sized(folder: Path) -> str:
+    """A run directory of the demo's model (`pellucid demo`: the `small` preset with the
+    shakespeare BPE the demo caches), random weights: throughput does not depend on them."""
+    from pellucid.config import to_dict
+    from pellucid.model.config import PRESETS
+    from pellucid.model.transformer import Transformer
+    from pellucid.weights.checkpoint import save_checkpoint
+
+    tok_files = sorted((Path.home() / ".cache/pellucid/tokenizers").glob("*/tokenizer.json"))
+    if not tok_files:
+        raise SystemExit("no cached pellucid tokenizer: run `pellucid demo` (or train one) first")
+    tok_json = tok_files[0].read_text()
+    vocab = len(json.loads(tok_json)["model"]["vocab"])
+    cfg = dataclasses.replace(PRESETS["small"], vocab_size=vocab)
+    torch.manual_seed(0)
+    files = {"config.json": json.dumps({"model": to_dict(cfg)}), "tokenizer.json": tok_json}
+    save_checkpoint(folder, 1, Transformer(cfg), None, {}, files=files)
+    return str(folder)
+
+
 def cmd_throughput(args: argparse.Namespace) -> dict:
     from pellucid.model.lora import apply_lora
+    from pellucid.train import trainer
 
-    held = Path(tempfile.mkdtemp(prefix="ft-tp-")) / "tasks.jsonl"
-    records = read_jsonl(write_jsonl(held, make_tasks("mix", 512, 0))).records
-    out = {"figure": "throughput", "machine": machine(), "runs": []}
+    tmp = Path(tempfile.mkdtemp(prefix="ft-tp-"))
+    records = read_jsonl(write_jsonl(tmp / "tasks.jsonl", make_tasks("mix", 512, 0))).records
+    spec = pellucid_sized(tmp / "small") if args.model == "small" else args.model
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    out = {"figure": "throughput", "model": args.model, "machine": machine(), "runs": []}
     for method in args.methods:
-        loaded = load(args.model)
+        loaded = load(spec)
         model, tok = loaded.model, loaded.tokenizer
-        encoded = encode_lm(records, loaded.chat_template(), tok, 1024)
+        width = min(1024, model.cfg.context_len)  # the demo model's context is 256
+        encoded = encode_lm(records, loaded.chat_template(), tok, width, truncate=True)
         seed_everything(0)
         if method == "lora":
             apply_lora(model, rank=args.rank, alpha=2 * args.rank)
@@ -325,13 +360,17 @@ def cmd_throughput(args: argparse.Namespace) -> dict:
             checkpoint_every=0, dtype="float32", progress=False, log_every=10**9,
             weight_decay=0.0, lr=(lr := 1e-3 if method == "lora" else 5e-5), min_lr=lr / 10,
         )  # fmt: skip
-        with tempfile.TemporaryDirectory() as tmp:
-            train(model, sft_loss, sampler, tcfg, Path(tmp))
-            records_m = read_metrics(Path(tmp) / "metrics.jsonl")
+        before = peak_flops(clock)
+        with tempfile.TemporaryDirectory() as run_dir:
+            if args.cpu_time:  # the trainer's step clock becomes this thread's CPU time
+                trainer.time = types.SimpleNamespace(perf_counter=time.thread_time)
+            try:
+                train(model, sft_loss, sampler, tcfg, Path(run_dir))
+            finally:
+                trainer.time = time
+            records_m = read_metrics(Path(run_dir) / "metrics.jsonl")
         timed = [m for m in records_m if "tokens_per_s" in m][len(records_m) // 3 :]
-        before = measure_peak_flops("cpu", torch.float32)
-        measure_peak_flops.cache_clear()
-        peak = max(before, measure_peak_flops("cpu", torch.float32))
+        peak = max(before, peak_flops(clock))  # the best of before and after: conservative MFU
         tps = statistics.median(m["tokens_per_s"] for m in timed)
         T = round(statistics.mean(len(e.ids) - 1 for e in encoded))
         real, nominal = (
@@ -342,7 +381,8 @@ def cmd_throughput(args: argparse.Namespace) -> dict:
             "method": method, "batch": args.batch, "steps": args.steps, "tokens_per_s": tps,
             "mfu_6n": tps * nominal / peak, "mfu_real": tps * real / peak, "mean_width": T,
             "flops_per_token_6n": nominal, "flops_per_token_real": real,
-            "reply_share": reply, "peak_tflops": peak / 1e12,
+            "reply_share": reply, "peak_tflops": peak / 1e12, "params": model.num_params(),
+            "clock": "thread CPU time" if args.cpu_time else "wall",
         }  # fmt: skip
         out["runs"].append(row)
         print(f"{method:5s} batch {args.batch}: {tps:8,.0f} tok/s  MFU {100 * row['mfu_6n']:.1f}% "
@@ -375,6 +415,12 @@ def main() -> None:
     c.add_argument("--train-last", type=int, default=2, help="blocks trained with the head")
     c.add_argument("--val-fraction", type=float, default=0.1)
     c.add_argument("--seed", type=int, default=1337)
+    c.add_argument(
+        "--dtype",
+        default="float32",
+        help="train.dtype (bfloat16: training and "
+        "scoring under bf16 autocast, on CPUs with bf16 matmuls)",
+    )
     c.add_argument("--baselines-only", action="store_true")
     c.add_argument("--out")
     t = sub.add_parser("throughput", help="(d): tokens/s and MFU of fine-tuning steps")
@@ -382,7 +428,17 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=30)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--rank", type=int, default=8)
-    p.add_argument("--model", default=MODEL, help="base model spec")
+    t.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time steps and peak in this thread's CPU time (a busy machine; 1 thread)",
+    )
+    p.add_argument(
+        "--model",
+        default=MODEL,
+        help="base model spec; throughput also takes "
+        "`small`: the demo model's shape, random weights",
+    )
     p.add_argument("--json", help="also append the result as one JSON line to this file")
     args = p.parse_args()
     result = {"sft": cmd_sft, "spam": cmd_spam, "throughput": cmd_throughput}[args.figure](args)

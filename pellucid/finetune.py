@@ -52,6 +52,7 @@ from pellucid.train.evaluate import class_metrics, exact_match, lm_metrics
 from pellucid.train.memory import check_fits
 from pellucid.train.metrics import PLOT_FILE, plot_curves, read_metrics
 from pellucid.train.objectives import class_loss, sft_loss
+from pellucid.train.precision import autocast, resolve_dtype
 from pellucid.train.trainer import TrainConfig, TrainState, seed_everything, train
 from pellucid.weights import adapter
 from pellucid.weights.checkpoint import read_json
@@ -301,13 +302,16 @@ def finetune(
     if resume and eval_file.is_file():
         before = read_json(eval_file).get("before", {})
     else:
-        before = _scored(prep, model)
+        before = _scored(prep, model, run.train.dtype)
         atomic_write(eval_file, json.dumps({"before": before}, indent=1))
+    # Without periodic evaluation the trainer would score the validation rows only at the end,
+    # which `after` does below: one full pass over them, not two (minutes on a CPU).
+    periodic = run.train.eval_every > 0 or run.train.eval_every_minutes > 0
     state = train(
         model, prep.objective, prep.batches, run.train, run_dir,
-        evaluate=prep.evaluate, resume=resume, files=files,
+        evaluate=prep.evaluate if periodic else None, resume=resume, files=files,
     )  # fmt: skip
-    after = _scored(prep, model)
+    after = _scored(prep, model, run.train.dtype)
     atomic_write(eval_file, json.dumps({"before": before, "after": after}, indent=1))
     wall = time.perf_counter() - t0
     if prep.meta["method"] == "lora":
@@ -317,9 +321,12 @@ def finetune(
     return FinetuneResult(run_dir, state, before, after, (n_train, n_all))
 
 
-def _scored(prep: _Prepared, model: torch.nn.Module) -> dict[str, Any]:
+def _scored(prep: _Prepared, model: torch.nn.Module, dtype: str) -> dict[str, Any]:
+    """The before/after scores, in the precision the run trains in (`train.dtype`), as the
+    trainer's own evaluation is: a bf16 run is scored at bf16 speed."""
     log.info("evaluating on the held-out rows ...")
-    with torch.no_grad():
+    device = next(model.parameters()).device
+    with torch.no_grad(), autocast(device, resolve_dtype(dtype, device)):
         return prep.scores(model)
 
 

@@ -317,6 +317,19 @@ def test_full_dpo_with_precomputed_reference_keeps_no_copy(files, tmp_path):
     assert not (load(out).model.tok_emb.weight == load(files / "base").model.tok_emb.weight).all()
 
 
+def test_pairs_whose_prompt_is_held_out_are_dropped_and_counted(files, tmp_path):
+    # The count reaches the run's report (finetune._Prepared.n_dropped): reward and DPO runs
+    # crashed for want of it after the classification/SFT side gained the field.
+    pairs = parity_pairs(160, seed=0)
+    held = sorted({p.prompt for p in pairs})[:5]
+    h.write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in held])
+    d = read_pair_data(str(files / "pairs.jsonl"), str(tmp_path / "prompts.jsonl"),
+                       held_pairs=False, val_fraction=0.1, seed=0, tokenizer=h.tokenizer(),
+                       template=ChatTemplate(CHATML), max_len=64, truncate=True)  # fmt: skip
+    assert d.n_dropped == sum(p.prompt in held for p in pairs) > 0
+    assert len(d.train) + len(d.val) + d.n_dropped == len(pairs)
+
+
 def test_bad_pairs_file_fails_with_its_line(files, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"

@@ -181,6 +181,31 @@ def test_classify_run_trains_a_head_and_eval_reports_its_metrics(files, tmp_path
     assert r["accuracy"] >= 0.9 and 0 <= r["macro_f1"] <= 1
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_classify_scores_validation_once_after_training_in_the_run_dtype(
+    files, tmp_path, monkeypatch, dtype
+):
+    # Each validation pass is minutes on a CPU for a real model: the trainer's end-of-run
+    # evaluation duplicated `after` when no periodic evaluation was asked for, and the scores
+    # ran in fp32 even for a bf16 run (at fp32 speed, unlike the trainer's own evaluation).
+    calls = []
+    real = finetune.class_metrics
+
+    def counted(*args, **kwargs):
+        calls.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "class_metrics", counted)
+    out = tmp_path / "clf"
+    result = _run(files, out, "train.max_steps=2", "train.batch_size=8", f"train.dtype={dtype}",
+                  task="classify", data="spam.jsonl", lora=False)  # fmt: skip
+    expected = torch.bfloat16 if dtype == "bfloat16" else False
+    assert calls == [expected, expected]  # before and after, nothing in between
+    assert result.after["n"] == 8  # 10% of the 80 rows
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
 @pytest.mark.slow
 def test_small_sft_raises_exact_match(files, tmp_path):
     result = _run(

@@ -123,7 +123,7 @@ class PairData:
     train: list[EncodedPair]
     val: list[EncodedPair]  # the held-out pairs file, else the validation prompts' pairs
     held_rows: list[PromptRow] = field(default_factory=list)  # held-out prompts (not pairs)
-    n_dropped: int = 0  # --data pairs dropped because their prompt is held out
+    n_dropped: int = 0  # training pairs dropped because their prompt is held out
 
 
 def read_pair_data(
