@@ -1,4 +1,4 @@
-"""Engine.generate of this tree against an earlier revision's engine, on SmolLM2-135M q8, one run.
+"""Engine.generate of this tree against an earlier revision's engine, SmolLM2-135M default mode, one run.
 
     python bench/engine_steps.py                          # vs the engine before the step-wise core
     python bench/engine_steps.py --before REV --new 64 --rounds 3
@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numba
 import torch
 
 from pellucid.infer import engine as engine_now
@@ -98,15 +99,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
+    numba.set_num_threads(THREADS)
     loaded = load("smollm2-135m-instruct")
-    model, tok = quantize_model(loaded.model.eval(), "q8"), loaded.tokenizer
+    model, tok = quantize_model(loaded.model.eval(), "auto"), loaded.tokenizer
     text = Path(random.__file__).read_text()  # any fixed English-ish text
     ids = tok.encode(text)
     prompts = [ids[i * 997 : i * 997 + 40 + 30 * i] for i in range(8)]  # 40 .. 250 tokens
     engines = {f"before ({args.before})": engine_at(args.before), "now": engine_now.Engine}
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if "Model name" in ln), "")
-    print(f"SmolLM2-135M-Instruct q8, {THREADS} threads, {platform.machine()} {name}")
+    print(
+        f"SmolLM2-135M-Instruct default mode (the file's blocks), {THREADS} threads, {platform.machine()} {name}"
+    )
     results = {(e, b): [] for e in engines for b in (1, 8)}
     rate(engine_now.Engine, model, tok, prompts[:1], 4)  # warm-up
     for _ in range(args.rounds):

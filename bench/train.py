@@ -5,12 +5,19 @@
     python bench/train.py --compile          # the same with torch.compile
     python bench/train.py --device cuda --dtype bf16 --shape gpt2-124m --context 1024
                                              # the GPU figure: bf16 autocast, against a bf16 peak
+    python bench/train.py --dtype auto       # what train.dtype=auto picks here, and its speed
+    python bench/train.py --cpu-time         # 1 thread, timed in CPU time: for a busy machine
 
 MFU = model FLOPs per token (6N + 12 L H D T, nanoGPT's estimate) x tokens/s / peak, where the
 peak is measured in this process: the best fp32 1024^3 matmul on the CPU (bf16 4096^3 on CUDA).
 nanoGPT reaches 39% (S) and 75% (B) of that peak on the CPU here (42% on S with compile); the
 goals are >= 60% (S) and >= 80% (B). The loop is the real one (`pellucid.train.trainer.train`):
 data sampling, the per-step sync for the non-finite check and the metrics log are all counted.
+
+--cpu-time runs one thread and times both the steps and the peak by the thread's CPU time, which
+other processes do not inflate: on a shared machine that is busy it measures the efficiency of the
+code when the wall clock cannot (its MFU is against the one-thread peak, and is not the 2-thread
+figure: mark it so).
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import tempfile
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +37,10 @@ import torch
 from pellucid.data.batches import WindowSampler
 from pellucid.model.config import PRESETS, ModelConfig
 from pellucid.model.transformer import Transformer
-from pellucid.train.metrics import measure_peak_flops, read_metrics
+from pellucid.train import trainer
+from pellucid.train.metrics import matmul_flops, read_metrics
 from pellucid.train.objectives import lm_loss
+from pellucid.train.precision import machine_key, resolve_precision
 from pellucid.train.trainer import TrainConfig, train
 
 GPT2 = {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False}
@@ -46,8 +56,21 @@ SHAPES = {
 }
 
 
+def peak_flops(device: str, dtype: torch.dtype, cpu_time: bool) -> float:
+    """The best matmul rate of two half-second measurements (a VM's rate wanders by 10-20%)."""
+    clock = time.thread_time if cpu_time else time.perf_counter
+    return max(matmul_flops(torch.device(device), dtype, 0.5, clock) for _ in range(2))
+
+
 def bench(
-    name: str, cfg: ModelConfig, batch: int, steps: int, device: str, dtype: str, compile: bool
+    name: str,
+    cfg: ModelConfig,
+    batch: int,
+    steps: int,
+    device: str,
+    dtype: str,
+    compile: bool,
+    cpu_time: bool = False,
 ) -> dict:
     torch.manual_seed(0)
     model = Transformer(cfg)
@@ -57,16 +80,19 @@ def bench(
         max_steps=steps, batch_size=batch, warmup_steps=1, eval_every=0, checkpoint_every=0,
         device=device, dtype=dtype, compile=compile, progress=False, log_every=10**9,
     )  # fmt: skip
+    precision = resolve_precision(dtype, torch.device(device))
+    before = peak_flops(device, precision.dtype, cpu_time)
     with tempfile.TemporaryDirectory() as tmp:
-        train(model, lm_loss, sampler, tcfg, Path(tmp))
+        if cpu_time:  # the trainer's step clock becomes this thread's CPU time
+            trainer.time = types.SimpleNamespace(perf_counter=time.thread_time)
+        try:
+            state = train(model, lm_loss, sampler, tcfg, Path(tmp))
+        finally:
+            trainer.time = time
         records = read_metrics(Path(tmp) / "metrics.jsonl")
     timed = records[len(records) // 3 :]  # the first third warms up (and compiles)
-    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    # The peak, measured again after the run: a VM's matmul rate wanders by 10-20% (neighbours,
-    # clocks), and MFU over the best of both measurements is the conservative figure.
-    before = measure_peak_flops(device, torch_dtype)
-    measure_peak_flops.cache_clear()
-    peak = max(before, measure_peak_flops(device, torch_dtype))
+    # The peak, measured again after the run: MFU over the best of both is the conservative one.
+    peak = max(before, peak_flops(device, precision.dtype, cpu_time))
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)
     return {
         "shape": name,
@@ -79,8 +105,10 @@ def bench(
         "peak_tflops": peak / 1e12,
         "compile": compile,
         "device": device,
-        "dtype": dtype,
+        "dtype": precision.name,
+        "precision": state.precision,
         "threads": torch.get_num_threads(),
+        "clock": "thread CPU time" if cpu_time else "wall",
     }
 
 
@@ -91,8 +119,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
         "--dtype",
-        choices=["float32", "fp32", "bfloat16", "bf16"],
-        help="default: float32 on the CPU, bf16 on CUDA; the peak is measured in the same dtype",
+        choices=["float32", "fp32", "bfloat16", "bf16", "auto"],
+        help="default: float32 on the CPU, bf16 on CUDA; auto: what train.dtype=auto picks; "
+        "the peak is measured in the dtype used",
     )
     p.add_argument(
         "--shape",
@@ -105,22 +134,26 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--quick", action="store_true", help="6 steps per shape")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--cpu-time", action="store_true", help="1 thread, timed in thread CPU time")
     args = p.parse_args()  # fmt: skip
+    if args.cpu_time:
+        torch.set_num_threads(1)
     steps = 6 if args.quick else args.steps
     dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(args.dtype, args.dtype)
     dtype = dtype or ("bfloat16" if args.device == "cuda" else "float32")
     names = args.shape or (["gpt2-124m"] if args.device == "cuda" else list(SHAPES))
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print(f"# {machine_key()}")
     for name in names:
         cfg, batch = SHAPES[name] if name in SHAPES else (PRESETS[name], 16)
         if args.context:
             cfg = dataclasses.replace(cfg, context_len=args.context)
         batch = args.batch or batch
-        r = bench(name, cfg, batch, steps, args.device, dtype, args.compile)
+        r = bench(name, cfg, batch, steps, args.device, dtype, args.compile, args.cpu_time)
         print(
             f"{name:10s} {r['params'] / 1e6:6.2f}M params  batch {batch} x {cfg.context_len}  "
-            f"{dtype}  {r['tokens_per_s']:10,.0f} tok/s  MFU {100 * r['mfu']:5.1f}% "
-            f"(of a measured {r['peak_tflops']:.3g} TFLOP/s {dtype} matmul peak)"
+            f"{r['dtype']}  {r['tokens_per_s']:10,.0f} tok/s  MFU {100 * r['mfu']:5.1f}% "
+            f"(of a measured {r['peak_tflops']:.3g} TFLOP/s {r['dtype']} matmul peak, "
+            f"{r['clock']})"
         )
         print(json.dumps(r))
 

@@ -88,7 +88,8 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
 def _write_error(path: Path, e: OSError) -> FileWriteError:
     """One line for a failed write: which file, why, and that nothing was lost."""
     kept = "the previous file is intact" if path.is_file() else "nothing was written"
-    error = FileWriteError(f"could not write {path}: {e.strerror or e}; {kept}")
+    why = e.strerror or f"{e} (a short write: is the disk full?)"  # numpy's tofile says only that
+    error = FileWriteError(f"could not write {path}: {why}; {kept}")
     error.errno, error.strerror = e.errno, e.strerror  # for callers that tell EFBIG from ENOSPC
     return error
 
@@ -109,8 +110,10 @@ def check_output(path: str | Path, kind: str = "file") -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise FileWriteError(f"{path}: {parent} is a file, so nothing can be made under it")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise FileWriteError(f"{path}: no permission to write in {parent}")
+    try:  # by trying: permissions, a read-only mount or a pseudo-filesystem (/proc) all say no
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".pellucid-check-"))
+    except OSError as e:
+        raise FileWriteError(f"{path}: cannot write in {parent} ({e.strerror})") from None
     return path
 
 
@@ -357,7 +360,8 @@ def check_shape(
 
     shape: a type or tuple of types (isinstance; a bool is not an int or a float here), a dict
     {"key": shape, "key?": shape} for an object with those keys ("?": optional, may be null;
-    other keys are allowed), or [shape] for a list whose items all have that shape.
+    other keys are allowed), {"*": shape} for an object whose every value has that shape, or
+    [shape] for a list whose items all have that shape.
 
         >>> check_shape({"model": {"vocab": []}}, {"model": {"vocab": dict}}, "t.json")
         Traceback (most recent call last):
@@ -366,6 +370,10 @@ def check_shape(
     if isinstance(shape, dict):
         if not isinstance(value, dict):
             raise error(f"{where}: {_field(field)} must be an object, got {_kind(value)}")
+        if "*" in shape:  # a map: names chosen by the file (tensors, files), values alike
+            for key, item in value.items():
+                check_shape(item, shape["*"], where, error, f"{field}.{key}" if field else key)
+            return
         for key, sub in shape.items():
             name, optional = key.removesuffix("?"), key.endswith("?")
             inner = f"{field}.{name}" if field else name

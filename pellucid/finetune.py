@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 
 from pellucid import config
+from pellucid.align.dpo import DPOConfig
 from pellucid.data.datasets import resolve_dataset
 from pellucid.data.finetune import (
     ExampleSampler,
@@ -42,11 +43,13 @@ from pellucid.data.finetune import (
     pad_text,
 )
 from pellucid.data.jsonl import LM_SHAPES, Dataset, drop_overlap, read_jsonl, split
+from pellucid.data.preferences import is_pairs_file
 from pellucid.errors import ConfigError, DataError
 from pellucid.files import atomic_write, sha256_file
 from pellucid.model.lora import DEFAULT_TARGETS
 from pellucid.recipes import config_hash, default_run_dir, run_mfu
 from pellucid.train.evaluate import class_metrics, exact_match, lm_metrics
+from pellucid.train.memory import check_fits
 from pellucid.train.metrics import PLOT_FILE, plot_curves, read_metrics
 from pellucid.train.objectives import class_loss, sft_loss
 from pellucid.train.trainer import TrainConfig, TrainState, seed_everything, train
@@ -89,12 +92,13 @@ class LoraConfig:
 class FinetuneRun:
     """A whole fine-tuning run."""
 
-    task: Literal["sft", "classify"] = "sft"
+    task: Literal["sft", "classify", "reward", "dpo"] = "sft"
     model: str = DEFAULT_MODEL  # the base: any model spec (loaded in float32)
     data: str = ""  # training JSONL (or a registered dataset name)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # task "dpo" only
 
 
 # Fine-tuning starts from a trained model: a short warmup, few steps, no weight decay, and a
@@ -115,6 +119,7 @@ class FinetuneResult:
     state: TrainState
     before: dict[str, Any]
     after: dict[str, Any]
+    params: tuple[int, int]  # (trained, all) parameter counts
 
 
 def load_finetune_config(
@@ -156,38 +161,68 @@ class _Prepared:
     model: torch.nn.Module
     batches: ExampleSampler
     objective: Any
-    evaluate: Any  # model -> validation metrics
+    evaluate: Any  # model -> validation metrics (None without validation rows)
     scores: Any  # model -> the before/after numbers of the report
     meta: dict
     data: Dataset
     held_out: Dataset | None
     n_train: int
+    n_dropped: int  # training rows dropped because their prompt is in the held-out file
+
+
+def _base(run: FinetuneRun, labels: list[str] | None) -> tuple[LoadedModel, dict, Any]:
+    """The base model (float32: training never touches quantized weights), the run's
+    finetune.json metadata, and the module tree to train (head, LoRA) built over the base."""
+    loaded = load(run.model)
+    if loaded.tokenizer is None:
+        raise ConfigError(f"model '{run.model}' has no tokenizer; fine-tuning needs one")
+    meta = _meta(run, _base_id(run.model, loaded), adapter.spec_sha256(loaded.source), labels)
+    seed_everything(run.train.seed)  # LoRA's A and a head are drawn from the run's seed
+    return loaded, meta, adapter.build(loaded.model, meta)
+
+
+def _prepare_pairs(run: FinetuneRun) -> _Prepared:
+    """Reward-model and DPO runs (align/): preference pairs, split by prompt."""
+    from pellucid.align import dpo, reward
+    from pellucid.align.pairs import read_pair_data
+
+    ft = run.finetune
+    loaded, meta, model = _base(run, None)
+    d = read_pair_data(
+        run.data, ft.eval_data, held_pairs=run.task == "reward", val_fraction=ft.val_fraction,
+        seed=run.train.seed, tokenizer=loaded.tokenizer, template=loaded.chat_template(),
+        max_len=min(ft.max_len or 1024, loaded.model.cfg.context_len), truncate=ft.truncate,
+    )  # fmt: skip
+    if run.task == "reward":
+        parts = reward.prepare(model, d, run.train)
+    else:
+        parts = dpo.prepare(model, loaded, d, run.train, run.dpo, ft.eval_max)
+    return _Prepared(model, *parts, meta, d.data, d.held_out, len(d.train))
 
 
 def _prepare(run: FinetuneRun) -> _Prepared:
+    if run.task in ("reward", "dpo"):
+        return _prepare_pairs(run)
     ft, seed = run.finetune, run.train.seed
     shapes = LM_SHAPES if run.task == "sft" else ("classification",)
     data = read_jsonl(_data_path(run.data), shapes)
     held = read_jsonl(_data_path(ft.eval_data), shapes) if ft.eval_data else None
     train_rows, val_rows = split(data.records, ft.val_fraction, seed)
+    n_dropped = 0
     if held is not None:
         train_rows, n_dropped = drop_overlap(train_rows, held.records)
         log.info("dropped %d training rows that also occur in %s", n_dropped, held.path)
     if not train_rows:
         raise DataError(f"{data.path}: no training rows left after the split")
-    loaded = load(run.model)  # float32: training never touches quantized weights
-    if loaded.tokenizer is None:
-        raise ConfigError(f"model '{run.model}' has no tokenizer; fine-tuning needs one")
+    labels = data.labels if run.task == "classify" else None
+    loaded, meta, model = _base(run, labels)
     tok, template = loaded.tokenizer, loaded.chat_template()
     max_len = min(ft.max_len or 1024, loaded.model.cfg.context_len)
-    labels = data.labels if run.task == "classify" else None
-    meta = _meta(run, _base_id(run.model, loaded), adapter.spec_sha256(loaded.source), labels)
-    seed_everything(seed)  # LoRA's A and a head are drawn from the run's seed
-    model = adapter.build(loaded.model, meta)
     B = run.train.batch_size
     if run.task == "sft":
-        enc = encode_lm(train_rows, template, tok, max_len, ft.truncate)
-        val = encode_lm(val_rows, template, tok, max_len, ft.truncate) if val_rows else []
+        where = str(data.path)
+        enc = encode_lm(train_rows, template, tok, max_len, ft.truncate, where)
+        val = encode_lm(val_rows, template, tok, max_len, ft.truncate, where) if val_rows else []
         items, collate = (pack_rows(enc, max_len), collate_packed) if ft.pack else (enc, pad_lm)
         objective = sft_loss
         scored = (held.records if held else val_rows)[: ft.eval_max]
@@ -206,11 +241,12 @@ def _prepare(run: FinetuneRun) -> _Prepared:
             if is_task and scored:
                 em = exact_match(m, tok, template, scored, ft.max_new_tokens)
                 out["exact_match"], out["n_exact"] = em["exact_match"], em["n"]
+                out["answers"] = em["answers"]  # eval.json keeps them, for reading the misses
             return out
 
     else:
-        enc = encode_text(train_rows, tok, labels, max_len, ft.truncate)
-        val = encode_text(val_rows, tok, labels, max_len, ft.truncate)
+        enc = encode_text(train_rows, tok, labels, max_len, ft.truncate, str(data.path))
+        val = encode_text(val_rows, tok, labels, max_len, ft.truncate, str(data.path))
         items, objective = enc, class_loss
 
         def collate(rows: list) -> Any:
@@ -223,8 +259,14 @@ def _prepare(run: FinetuneRun) -> _Prepared:
         def scores(m: torch.nn.Module) -> dict[str, Any]:
             return class_metrics(m, val, len(labels), B) if val else {}
 
+    longest = max_len if ft.pack and run.task == "sft" else max(len(e.ids) for e in enc)
+    check_fits(loaded.model.cfg, B, context_len=longest)  # before a batch of B rows is drawn
     batches = ExampleSampler(items, B, seed, collate)
-    return _Prepared(model, batches, objective, evaluate, scores, meta, data, held, len(enc))
+    # Without validation rows there is nothing to evaluate during training (it would log NaN).
+    return _Prepared(
+        model, batches, objective, evaluate if val else None, scores, meta, data, held, len(enc),
+        n_dropped,
+    )  # fmt: skip
 
 
 def finetune(
@@ -238,6 +280,7 @@ def finetune(
         )
     if not run.data:
         raise ConfigError("fine-tuning needs --data FILE.jsonl")
+    t0 = time.perf_counter()  # the report's wall time: loading, scoring and training
     prep = _prepare(run)
     model = prep.model
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -260,19 +303,18 @@ def finetune(
     else:
         before = _scored(prep, model)
         atomic_write(eval_file, json.dumps({"before": before}, indent=1))
-    t0 = time.perf_counter()
     state = train(
         model, prep.objective, prep.batches, run.train, run_dir,
         evaluate=prep.evaluate, resume=resume, files=files,
     )  # fmt: skip
-    wall = time.perf_counter() - t0
     after = _scored(prep, model)
     atomic_write(eval_file, json.dumps({"before": before, "after": after}, indent=1))
+    wall = time.perf_counter() - t0
     if prep.meta["method"] == "lora":
         adapter.save_adapter(model, prep.meta, run_dir)
     plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / PLOT_FILE)
     write_report(run_dir, run, prep, state, before, after, wall, (n_train, n_all))
-    return FinetuneResult(run_dir, state, before, after)
+    return FinetuneResult(run_dir, state, before, after, (n_train, n_all))
 
 
 def _scored(prep: _Prepared, model: torch.nn.Module) -> dict[str, Any]:
@@ -291,7 +333,8 @@ def resume(run_dir: Path, assignments: list[str] | None = None) -> FinetuneResul
 
 
 def _fmt(scores: dict[str, Any]) -> str:
-    keys = ("exact_match", "accuracy", "macro_f1", "loss", "perplexity", "bits_per_byte")
+    keys = ("exact_match", "accuracy", "macro_f1", "loss", "perplexity", "bits_per_byte",
+            "pairwise_accuracy", "margin", "reward_accuracy", "win_rate", "kl")  # fmt: skip
     parts = [f"{k} {scores[k]:.4f}" for k in keys if isinstance(scores.get(k), float)]
     return ", ".join(parts) or "n/a"
 
@@ -314,11 +357,19 @@ def write_report(
         f"- before: {_fmt(before)}",
         f"- after:  {_fmt(after)}  ({state.step} steps; scores on {where})",
         f"- curves: ![loss]({PLOT_FILE}) (per-step numbers in `metrics.jsonl`, scores in `eval.json`)",
+        *(
+            [
+                f"- confusion after (rows: true {meta['labels']}, columns: predicted): {after['confusion']}"
+            ]
+            if "confusion" in after
+            else []
+        ),
         "",
         "## Lineage",
         f"- base model: `{meta['base']}` sha256 {meta['base_sha256']}",
         *[f"- data: `{p.resolve()}` sha256 {sha256_file(p)}" for p in data_files],
-        f"- {prep.data.shape} rows: {len(prep.data.records)}, {prep.n_train} trained on",
+        f"- {prep.data.shape} rows: {len(prep.data.records)}, {prep.n_train} trained on"
+        + (f" ({prep.n_dropped} dropped: also in the held-out file)" if prep.held_out else ""),
         f"- method: {meta['method']}"
         + (
             f" (rank {run.lora.rank}, alpha {run.lora.alpha}, targets {run.lora.targets})"
@@ -331,9 +382,9 @@ def write_report(
         "",
         "## Compute",
         f"- {state.step} steps, {state.tokens:,} tokens in {state.train_time_s:.0f} s of training "
-        f"steps ({wall_s:.0f} s wall time with evaluation, this session)",
-        f"- {tps:,.0f} tokens/s ({torch.get_num_threads()} threads), MFU "
-        f"{100 * run_mfu(state, run.train):.1f}% of this machine's measured matmul peak",
+        f"steps; {wall_s:.0f} s wall time in all (loading, scoring before and after, training; "
+        "this session)",
+        f"- {tps:,.0f} tokens/s on {torch.get_num_threads()} thread(s), {_mfu(state, run.train)}",
         "",
         "## Config",
         f"```json\n{json.dumps(config.to_dict(run), indent=1)}\n```",
@@ -344,18 +395,32 @@ def write_report(
     atomic_write(run_dir / "report.md", "\n".join(lines))
 
 
+def _mfu(state: TrainState, cfg: TrainConfig) -> str:
+    mfu = run_mfu(state, cfg)
+    if mfu > 1:  # the peak was timed while other processes held the CPU: it came out too low
+        return "MFU not measurable here (the matmul peak was timed on a busy machine)"
+    return f"MFU {100 * mfu:.1f}% of this machine's measured matmul peak"
+
+
 # --- pellucid eval -------------------------------------------------------------------------------
 
 
 def evaluate_file(
-    spec: str | None, path: str, *, max_new_tokens: int = 64, batch_size: int = 8, limit: int = 0
-) -> dict[str, Any]:
+    spec: str | None, path: str, *, max_new_tokens: int = 64, batch_size: int = 8, limit: int = 0,
+    truncate: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """`pellucid eval`: score model `spec` on a JSONL file, with the metrics its shape allows.
 
     chat / instruction / prompt-completion: assistant-token loss, perplexity, bits per byte;
     task: those and the exact match of greedy answers; classification (a classify run only):
-    accuracy, macro-F1, confusion matrix. `limit` > 0 scores the first `limit` rows only.
+    accuracy, macro-F1, confusion matrix; a reward model on preference pairs: pairwise accuracy
+    and margin. `limit` > 0 scores the first `limit` rows only. Rows longer than the model's
+    context are refused, or cut to it with `truncate`.
     """
+    if is_pairs_file(_data_path(path)):  # preference pairs: a reward model's accuracy
+        from pellucid.align.reward import evaluate_pairs
+
+        return evaluate_pairs(spec or DEFAULT_MODEL, _data_path(path), batch_size)
     data = read_jsonl(_data_path(path))
     records = data.records[:limit] if limit > 0 else data.records
     loaded = load(spec or DEFAULT_MODEL)
@@ -369,11 +434,12 @@ def evaluate_file(
                 f"{data.path} holds classification rows, but '{spec}' is not a classifier "
                 "(train one with `pellucid finetune classify`)"
             )
-        enc = encode_text(records, tok, loaded.labels, ctx)
+        enc = encode_text(records, tok, loaded.labels, ctx, truncate, str(data.path))
         scores = class_metrics(loaded.classifier, enc, len(loaded.labels), batch_size)
         return {**out, **scores, "labels": loaded.labels}
     template = loaded.chat_template()
-    lm = lm_metrics(loaded.model, encode_lm(records, template, tok, ctx - 1), batch_size)
+    enc = encode_lm(records, template, tok, ctx - 1, truncate, str(data.path))
+    lm = lm_metrics(loaded.model, enc, batch_size)
     out.update({k: lm[k] for k in ("loss", "perplexity", "bits_per_byte")})
     if data.shape == "task":
         em = exact_match(loaded.model, tok, template, records, max_new_tokens, 2 * batch_size)

@@ -18,6 +18,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from pellucid.data.sources import Document, load_corpus
 from pellucid.data.stream import as_shards, open_mix
 from pellucid.errors import ConfigError
 from pellucid.files import atomic_write, pellucid_home
+from pellucid.history.ladder import LadderConfig, Rung, climb
+from pellucid.history.report import write_outputs
 from pellucid.infer.engine import Engine
 from pellucid.infer.sampling import SamplingParams
 from pellucid.model.config import PRESETS, ModelConfig
@@ -38,19 +41,21 @@ from pellucid.model.transformer import Transformer
 from pellucid.tokenizer.bpe import Tokenizer
 from pellucid.tokenizer.formats import load_tokenizer
 from pellucid.train import distributed
-from pellucid.train.memory import check_fits
+from pellucid.train.memory import check_fits, parameter_count
 from pellucid.train.metrics import PLOT_FILE, measure_peak_flops, plot_curves, read_metrics
 from pellucid.train.objectives import lm_loss
+from pellucid.train.precision import resolve_dtype
 from pellucid.train.trainer import (
     TrainConfig,
     TrainState,
     evaluate_objective,
     resolve_device,
-    resolve_dtype,
     seed_everything,
     train,
 )
 from pellucid.weights.checkpoint import load_model_weights, read_json
+from pellucid.weights.resolve import checkpoint_folder
+from pellucid.weights.resolve import load as load_spec
 
 log = logging.getLogger("pellucid")
 
@@ -98,7 +103,7 @@ DEMO_MODEL = [
 ]  # fmt: skip
 DEMO_TRAIN = [
     "train.batch_size=16", "train.lr=5e-3", "train.min_lr=5e-4", "train.weight_decay=0.1",
-    "train.eval_batches=0", "train.checkpoint_every=0", "train.device=cpu", "train.dtype=float32",
+    "train.eval_batches=0", "train.checkpoint_every=0", "train.device=cpu", "train.dtype=auto",
     "train.warmup_steps=50", "train.log_every=100",
 ]  # fmt: skip
 DEMO_PROMPTS = ("\n", "KING.\n", "Enter ")
@@ -114,6 +119,7 @@ class RunResult:
     samples: list[tuple[str, str]]  # (prompt, generated text)
     val_bpb: float
     main: bool = True  # False on the other ranks of a torchrun job: they print nothing
+    split: str = ""  # the key of the shards it trained and was scored on (data/shards.py)
 
 
 # --- config --------------------------------------------------------------------------------------
@@ -131,6 +137,8 @@ def load_run_config(
         if item.split("=", 1)[0].strip() == "model.preset":
             preset = item.split("=", 1)[1].strip()
             rest.remove(item)
+    if not isinstance(preset, str):  # a TOML number or list; would fail deep in difflib
+        raise ConfigError(f"config key 'model.preset' expects a preset name, got {preset!r:.60}")
     if preset not in PRESETS:
         near = difflib.get_close_matches(preset, PRESETS, n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(PRESETS)})"
@@ -282,7 +290,7 @@ def pretrain(run: RunConfig, out_dir: Path, *, resume: bool = False) -> RunResul
     samples = generate_samples(model.eval(), tokenizer, DEMO_PROMPTS)
     val_bpb = state.last_eval.get("val_bpb", math.nan)
     write_report(run_dir, run, state, shards, tokenizer, model, samples, wall)
-    return RunResult(run_dir, state, samples, val_bpb)
+    return RunResult(run_dir, state, samples, val_bpb, split=shards.meta.get("key", ""))
 
 
 def resume(run_dir: Path, assignments: list[str] | None = None) -> RunResult:
@@ -299,8 +307,8 @@ def generate_samples(
     return [(p, engine.complete(tokenizer.encode(p), _SAMPLING).text) for p in prompts]
 
 
-def demo(minutes: float = 5.0, out_dir: Path | None = None) -> RunResult:
-    """`pellucid demo`: a tokenizer, then a small model trained on Shakespeare for `minutes` on the CPU.
+def demo_config(minutes: float = 5.0, corpus: str = "shakespeare") -> RunConfig:
+    """The demo's run: its small model on `corpus`, trained for `minutes` of the clock.
 
     The run is time-budgeted (`train.max_minutes`): the cosine schedule follows the clock and
     ends when the time is up, however fast this machine (or however busy) turns out to be.
@@ -315,17 +323,73 @@ def demo(minutes: float = 5.0, out_dir: Path | None = None) -> RunResult:
     }
     run = load_run_config(None, DEMO_MODEL + DEMO_TRAIN)
     run = config.override(run, [f"train.{k}={v}" for k, v in schedule.items()])
-    return pretrain(run, out_dir or default_run_dir("demo"))
+    return dataclasses.replace(run, data=dataclasses.replace(run.data, corpus=corpus))
+
+
+def demo(minutes: float = 5.0, out_dir: Path | None = None) -> RunResult:
+    """`pellucid demo`: a tokenizer, then a small model trained on Shakespeare for `minutes` on the CPU."""
+    return pretrain(demo_config(minutes), out_dir or default_run_dir("demo"))
+
+
+def ladder(
+    corpus: str = "shakespeare", minutes: float = 5.0, out_dir: Path | None = None,
+    run_dir: Path | None = None, on_rung: Callable[[Rung], None] | None = None,
+) -> list[Rung]:  # fmt: skip
+    """`pellucid ladder`: every rung of history/ladder.py, then the demo's transformer, on the demo's
+    tokenizer and split of `corpus`; writes ladder.json, ladder.png and ladder.html in `out_dir`.
+
+    The transformer trains for `minutes` (as `pellucid demo --minutes`), or is the model of an
+    existing `run_dir`, scored on the same text split with its own tokenizer.
+    """
+    run = demo_config(minutes, corpus)
+    out = Path(out_dir or default_run_dir("ladder"))
+    if any((out / name).exists() for name in ("ladder.json", "vectors", "neural", "transformer")):
+        raise ConfigError(f"{out} already holds a ladder: give another --out")
+    docs = load_corpus(corpus)
+    tokenizer = get_tokenizer(run.data, docs)
+    shards = build_shards(docs, tokenizer, run.data.val_fraction)
+    cfg = LadderConfig(device=run.train.device, seed=run.train.seed)
+    rungs = climb(shards, tokenizer, minutes, out, DEMO_PROMPTS, _SAMPLING, cfg, on_rung)
+    if run_dir is None:
+        result = pretrain(run, out / "transformer")
+        model_cfg = dataclasses.replace(run.model, vocab_size=tokenizer.vocab_size)
+        top = Rung(
+            "transformer (the demo's)", "transformer", result.val_bpb, result.state.train_time_s,
+            parameter_count(model_cfg), result.samples, result.split,
+        )  # fmt: skip
+    else:
+        top = _scored_run(Path(run_dir), docs, run.data.val_fraction)
+    rungs.append(top)
+    if on_rung is not None:
+        on_rung(top)
+    write_outputs(out, rungs)
+    return rungs
+
+
+def _scored_run(run_dir: Path, docs: list[Document], val_fraction: float) -> Rung:
+    """The transformer rung of an existing run: scored on the split, its training time read back."""
+    loaded = load_spec(run_dir)
+    shards = build_shards(docs, loaded.tokenizer, val_fraction)
+    cfg = TrainConfig(batch_size=16, eval_batches=0)
+    bpb = _evaluator(shards, loaded.model.cfg.context_len, cfg)(loaded.model)["val_bpb"]
+    state = read_json(checkpoint_folder(run_dir) / "state.json")["train_state"]
+    samples = generate_samples(loaded.model, loaded.tokenizer, DEMO_PROMPTS)
+    return Rung(
+        f"transformer ({run_dir.name})", "transformer", bpb, state["train_time_s"],
+        loaded.model.num_params(), samples, shards.meta["key"],
+    )  # fmt: skip
 
 
 # --- report --------------------------------------------------------------------------------------
 
 
 def run_mfu(state: TrainState, cfg: TrainConfig) -> float:
-    """Model FLOP/s over the steps / the measured matmul peak of the run's device and dtype."""
-    device = resolve_device(cfg.device)
-    peak = measure_peak_flops(str(device), resolve_dtype(cfg.dtype, device))
-    return state.flops / state.train_time_s / peak if state.train_time_s else 0.0
+    """Model FLOP/s over the steps / the measured matmul peak of the dtype the run computed in."""
+    if not state.train_time_s:
+        return 0.0
+    device = resolve_device(cfg.device)  # a state saved before peaks were kept: measure again
+    peak = state.peak_flops or measure_peak_flops(str(device), resolve_dtype(cfg.dtype, device))
+    return state.flops / state.train_time_s / peak
 
 
 def write_report(
@@ -363,6 +427,8 @@ def write_report(
         f"- {state.tokens:,} tokens, {tps:,.0f} tokens/s on {run.train.device} "
         f"({torch.get_num_threads()} threads), MFU {100 * run_mfu(state, run.train):.1f}% of this "
         "machine's measured matmul peak",
+        f"- precision: {state.precision or run.train.dtype}; MFU's peak: "
+        f"{state.peak_flops / 1e9:,.0f} GFLOP/s, measured in that dtype",
         "",
         "## Samples (temperature 0.8, top-k 50)",
         *[f"**{p!r}** ->\n\n```\n{p}{text}\n```\n" for p, text in samples],

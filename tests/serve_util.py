@@ -55,8 +55,10 @@ class WrappedEngine:
         return getattr(self.engine, name)
 
 
-def make_app(loaded, delay=0.0, **kw):
-    engine = WrappedEngine(Engine(loaded.model, loaded.tokenizer), delay)
+def make_app(loaded, delay=0.0, kv_budget_bytes=None, **kw):
+    engine = WrappedEngine(
+        Engine(loaded.model, loaded.tokenizer, kv_budget_bytes=kv_budget_bytes), delay
+    )
     kw.setdefault("model_name", "tiny")
     return create_app(loaded, engine=engine, **kw), engine
 

@@ -249,6 +249,8 @@ def test_email_text_is_cut_and_lenient_about_types():
     text = labelled.email_text(long)
     assert text.startswith("word word") and len(text) <= labelled.MAX_CHARS
     assert labelled.email_text(b"Subject: x\nContent-Type: image/gif\n\nGIF89a") == ""
+    # stray control bytes (one SpamAssassin mail has 0x1d, which SmolLM2 cannot tokenize) go
+    assert labelled.email_text(b"Subject: x\n\nSave\x1d 70%\x04 now\x7f\n") == "Save 70% now"
 
 
 SHAREGPT = [

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -178,8 +179,11 @@ def test_check_output_under_a_file_or_unwritable(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     if os.geteuid() != 0:  # root may write anywhere
-        with pytest.raises(FileWriteError, match="no permission"):
+        with pytest.raises(FileWriteError, match=r"cannot write in .*Permission denied"):
             files.check_output(locked / "x.gguf")
+    if Path("/proc/self").is_dir():  # writable by its mode bits for root, yet nothing can be made
+        with pytest.raises(FileWriteError, match="cannot write in /proc"):
+            files.check_output(Path("/proc/pellucid-run"), "dir")
 
 
 DISK_FULL = textwrap.dedent(

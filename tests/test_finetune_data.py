@@ -146,11 +146,58 @@ def test_too_long_examples_are_refused_with_a_count_or_truncated(tmp_path):
     tok = tokenizer()
     rows = [{"prompt": "fox " * 60, "answer": "odd"}, {"prompt": "Is 3 odd?", "answer": "yes odd"}]
     data = read_jsonl(write_jsonl(tmp_path / "d.jsonl", rows))
-    with pytest.raises(DataError, match=r"1 of 2 examples are longer than 40 tokens.*line 1"):
-        encode_lm(data.records, ChatTemplate(CHATML), tok, max_len=40)
+    with pytest.raises(
+        DataError, match=r"^d.jsonl: 1 of 2 examples are longer than 40 tokens.*line 1"
+    ):
+        encode_lm(data.records, ChatTemplate(CHATML), tok, max_len=40, source="d.jsonl")
     # truncation keeps the start; the long row loses its reply entirely and is dropped (logged)
     enc = encode_lm(data.records, ChatTemplate(CHATML), tok, max_len=40, truncate=True)
     assert [e.line for e in enc] == [2] and all(len(e.ids) <= 41 for e in enc)
+
+
+def test_eval_and_finetune_refuse_too_long_rows_unless_told_to_truncate(tmp_path, capsys):
+    from finetune_helpers import base_run
+
+    from pellucid import finetune
+    from pellucid.cli import main
+
+    base = base_run(tmp_path / "base")  # context 128
+    long_row = {"messages": [{"role": "user", "content": "fox " * 200},
+                             {"role": "assistant", "content": "odd"}]}  # fmt: skip
+    short = {
+        "messages": [
+            {"role": "user", "content": "Is 3 odd?"},
+            {"role": "assistant", "content": "yes"},
+        ]
+    }
+    path = write_jsonl(tmp_path / "long.jsonl", [short, long_row, short])
+    assert main(["eval", "--model", str(base), "--data", str(path), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: 1 of 3 examples are longer than 127 tokens" in err and "--truncate" in err
+    assert main(["eval", "--model", str(base), "--data", str(path), "--json", "--truncate"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 3
+    run = finetune.load_finetune_config(
+        "sft", str(base), str(path), assignments=["train.max_steps=1", "train.progress=false"]
+    )
+    with pytest.raises(DataError, match=rf"^{path}: 1 of 2 examples are longer than 128 tokens"):
+        finetune.finetune(run, tmp_path / "out")
+
+
+def test_text_the_tokenizer_cannot_encode_names_its_line(tmp_path):
+    from pellucid.tokenizer.bpe import Tokenizer
+
+    tok = tokenizer()
+    vocab = list(tok.vocab)
+    vocab[vocab.index(b"\x1d")] = b"\x1d" * 5  # a vocabulary without byte 0x1d, like SmolLM2's
+    lacking = Tokenizer(vocab, tok.merges, tok.special_tokens, tok.pattern, eos_id=0)
+    rows = [{"text": "fine", "label": "ham"}, {"text": "odd\x1d byte", "label": "spam"}]
+    data = read_jsonl(write_jsonl(tmp_path / "c.jsonl", rows))
+    with pytest.raises(DataError, match=r"^c.jsonl:2: cannot encode .* byte 0x1d"):
+        encode_text(data.records, lacking, data.labels, 64, source="c.jsonl")
+    chat = [{"prompt": "Is 3 odd?", "answer": "yes"}, {"prompt": "x\x1d", "answer": "no"}]
+    data = read_jsonl(write_jsonl(tmp_path / "t.jsonl", chat))
+    with pytest.raises(DataError, match=r"^t.jsonl:2: cannot encode"):
+        encode_lm(data.records, ChatTemplate(CHATML), lacking, 64, source="t.jsonl")
 
 
 def test_packing_never_attends_across_examples(tmp_path):

@@ -23,6 +23,7 @@ LAYERS = {
     "align": 5,
     "serve": 6,
     "finetune": 6,
+    "rlhf": 6,
     "recipes": 6,
     "cli": 7,
     "__main__": 7,

@@ -3,12 +3,16 @@
 import dataclasses
 import math
 
+import gguf
+import numpy as np
 import pytest
 import torch
+from test_gguf_weights import CFG as GGUF_CFG
+from test_gguf_weights import _reference_weights, _write
 
 from pellucid.errors import ConfigError
 from pellucid.infer.engine import Engine
-from pellucid.infer.quant import BLOCK, QuantLinear, pack_q4, pack_q8, quantize_model
+from pellucid.infer.quant import BLOCK, KIND, QuantLinear, pack, quantize_model
 from pellucid.infer.sampling import SamplingParams
 from pellucid.model.config import PRESETS
 from pellucid.model.transformer import Transformer
@@ -26,14 +30,14 @@ def linear():
 def test_q8_blocks_by_hand():
     w = torch.zeros(1, 32)
     w[0, :4] = torch.tensor([1.27, -0.635, 0.01, 0.0])
-    q, s = pack_q8(w)
-    assert s[0, 0] == pytest.approx(0.01)
-    assert q[0, :4].tolist() == [127, -64, 1, 0]  # round(-63.5) = -64 (half to even)
+    kind, q, s, _ = pack(w, "q8")
+    assert kind == KIND["q8"] and s[0, 0] == pytest.approx(0.01)
+    assert q.view(np.int8)[0, :4].tolist() == [127, -64, 1, 0]  # round(-63.5) = -64 (half to even)
 
 
 def test_q4_blocks_by_hand_and_nibble_layout():
     w = torch.arange(32, dtype=torch.float32)[None] / 31 * 15 + 2.0  # min 2, max 17: d = 1
-    p, d, m = pack_q4(w)
+    _, p, d, m = pack(w, "q4")
     assert d[0, 0] == pytest.approx(1.0) and m[0, 0] == pytest.approx(2.0)
     q = [round(v) for v in (w[0] - 2).tolist()]
     assert p[0, 0] == q[0] | (q[16] << 4)  # byte j: element j low, element j + 16 high
@@ -121,6 +125,88 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ConfigError, match="multiple of 32"):
         QuantLinear(torch.nn.Linear(40, 8), "q8")
     assert BLOCK == 32
+
+
+# --- the default: a GGUF file's own blocks ----------------------------------------------------
+
+
+def _modes(model):
+    return {n: m.mode for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _logits(model, seed=0):
+    ids = torch.randint(
+        0, GGUF_CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed)
+    )
+    with torch.inference_mode():
+        return torch.cat([model(ids[:, :8])[:, -1], model(ids[:, 8:])[:, -1]])  # many rows, few
+
+
+@pytest.mark.parametrize(
+    ("qtype", "kind"), [("Q4_0", "q4"), ("Q4_1", "q4"), ("Q8_0", "q8"), ("Q4_K", "f32")]
+)
+def test_default_runs_the_files_own_blocks(tmp_path, qtype, kind):
+    """Each matrix keeps its file's format (K-quants: their exact dequantized values), so the
+    default model is the file's model: same weights bit for bit, same logits to float rounding."""
+    from pellucid.weights.gguf import load_gguf
+
+    _write(tmp_path / "m.gguf", _reference_weights(), gguf.GGMLQuantizationType[qtype])
+    fp32 = load_gguf(tmp_path / "m.gguf").eval()
+    model = quantize_model(load_gguf(tmp_path / "m.gguf").eval(), "auto")
+    assert set(_modes(model).values()) == {kind}
+    assert not hasattr(model, "file_blocks")  # the file's map is let go
+    state = fp32.state_dict()
+    assert torch.equal(
+        model.blocks[0].mlp.down_proj.dequantize(), state["blocks.0.mlp.down_proj.weight"]
+    )
+    torch.testing.assert_close(_logits(model), _logits(fp32), atol=2e-5, rtol=1e-5)
+
+
+def test_default_requantizes_only_what_is_not_the_files_any_more(tmp_path):
+    from pellucid.weights.gguf import load_gguf
+
+    _write(tmp_path / "m.gguf", _reference_weights(), gguf.GGMLQuantizationType.Q4_1)
+    model = load_gguf(tmp_path / "m.gguf").eval()
+    with torch.no_grad():  # e.g. a LoRA merged into the loaded weights
+        model.blocks[0].attn.o_proj.weight.mul_(1.01)
+    modes = _modes(quantize_model(model, "auto"))
+    assert modes.pop("blocks.0.attn.o_proj") == "q8" and set(modes.values()) == {"q4"}
+    _write(tmp_path / "f.gguf", _reference_weights())  # float tensors: quantized as any float model
+    assert set(_modes(quantize_model(load_gguf(tmp_path / "f.gguf"), "auto")).values()) == {"q8"}
+
+
+@pytest.mark.slow
+def test_default_equals_the_files_model_on_smollm2(real_home):
+    """The shipped Q4_1 file: through the engine (prefill, then decode steps on the kernels), the
+    top-5 next-token logprobs of the default mode are within 2e-3 of the fp32-dequantized model's."""
+    from pellucid.tokenizer.formats import load_tokenizer
+    from pellucid.weights.gguf import load_gguf, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    tok = load_tokenizer(path)
+    prompts = [
+        tok.encode(p) for p in ("The capital of France is", "def fibonacci(n):", "Once upon a time")
+    ]
+    params = SamplingParams(temperature=0, max_new_tokens=12, top_logprobs=5)
+    fp32 = load_gguf(path).eval()
+    model = quantize_model(load_gguf(path).eval(), "auto")
+    assert set(_modes(model).values()) == {"q4", "q8"}  # Q4_1 matrices, the Q8_0 (tied) head
+    engine = Engine(model, tok)
+    assert engine._fast is not None
+    worst = 0.0
+    for prompt, steps in zip(
+        prompts, [engine.complete(p, params).steps for p in prompts], strict=True
+    ):
+        ids = prompt + [s.id for s in steps]
+        with torch.inference_mode():
+            ref = torch.log_softmax(fp32(torch.tensor([ids]))[0, len(prompt) - 1 : -1], -1)
+        for step, want in zip(steps, ref, strict=True):
+            top = want.topk(5)
+            assert step.id == top.indices[0]  # greedy: fp32's first choice
+            got = torch.tensor([lp for _, lp in step.top])  # ours, best first
+            worst = max(worst, float((got - top.values).abs().max()))
+    print(f"largest top-5 logprob difference from fp32: {worst:.2e}")
+    assert worst <= 2e-3
 
 
 @pytest.mark.slow

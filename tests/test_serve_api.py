@@ -6,6 +6,8 @@ requests), A12 (stop strings, stream == non-stream), A15 (special-token text in 
 """
 
 import json
+import logging
+import sys
 import time
 
 import pytest
@@ -85,9 +87,25 @@ def test_malformed_completion_bodies_are_4xx(served, body):
 
 def test_unknown_model_is_404_and_the_server_stays_healthy(served):
     client, _, _ = served
-    for name in ["gpt-4", "../../etc/passwd", "/etc/passwd", "x\x00.gguf", "a" * 300]:
-        err = assert_openai_error(chat(client, model=name, max_tokens=1), 404, "model")
-        assert err["code"] == "model_not_found"
+    names = ["gpt-4", "../../etc/passwd", "/etc/passwd", "a/../../b", "..", "%2e%2e%2f"]
+    names += ["..\\..\\x", "x\x00.gguf", "\uff0e\uff0e\uff0f", "a" * 300]
+    opened, recording = [], [True]
+
+    def hook(event, args):  # D2: a model name never reaches the file system
+        if event == "open" and recording[0]:
+            opened.append(str(args[0]))
+
+    sys.addaudithook(hook)  # audit hooks cannot be removed: `recording` turns this one off
+    try:
+        for name in names:
+            err = assert_openai_error(chat(client, model=name, max_tokens=1), 404, "model")
+            assert err["code"] == "model_not_found"
+            r = client.post("/v1/completions", json={"model": name, "prompt": "x"})
+            assert_openai_error(r, 404, "model")
+    finally:
+        recording[0] = False
+    # (a traceback's source lines may be read, pellucid/serve/app.py: never a model file)
+    assert [p for p in opened if not p.endswith(".py")] == []
     assert_openai_error(client.get("/v1/models/gpt-4"), 404)
     assert client.get("/health").json()["status"] == "ok"
     assert chat(client, max_tokens=2).status_code == 200
@@ -374,6 +392,7 @@ def test_stream_chunks_and_include_usage(served):
 
 
 def test_engine_error_mid_stream_sends_an_error_event_then_done(caplog):
+    caplog.set_level(logging.INFO, logger="pellucid")
     app, engine = make_app(tiny_loaded())
     with TestClient(app, base_url="http://localhost") as client:
         engine.fail_at_step = engine.steps + 5
@@ -382,7 +401,10 @@ def test_engine_error_mid_stream_sends_an_error_event_then_done(caplog):
         events = sse_events(r.text)
         assert "error" in events[-1] and events[-1]["error"]["type"] == "server_error"
         assert sum(1 for e in events if "choices" in e) >= 3  # the tokens before it arrived
-        assert "engine step failed" in caplog.text and "injected engine failure" in caplog.text
+        # logged once, with the request's id (the first request of this app is request 1)
+        assert caplog.text.count("engine step failed") == 1
+        assert "failing requests [1]" in caplog.text and "injected engine failure" in caplog.text
+        assert "request 1 chat" in caplog.text  # its end, under the same id
         # the server is healthy and the next request is served
         assert client.get("/health").json()["sequences_active"] == 0
         assert chat(client, max_tokens=3).status_code == 200
@@ -399,3 +421,31 @@ def test_after_the_worker_stops_health_says_so_and_requests_get_503():
         r = client.get("/health")
         assert r.status_code == 503 and r.json()["status"].startswith("unavailable")
         assert assert_openai_error(chat(client, max_tokens=2), 503)["type"] == "server_error"
+
+
+# --- any model spec: a pellucid run directory (no chat template: ChatML) -----------------------------
+
+
+def test_a_pellucid_run_directory_is_served_too(tmp_path):
+    from test_resolve import _checkpoint_run, tiny_model, tiny_tokenizer
+
+    from pellucid.cli.serve import served_name
+    from pellucid.weights.resolve import load
+
+    _checkpoint_run(tmp_path / "myrun", tiny_model(), tiny_tokenizer())
+    loaded = load(str(tmp_path / "myrun"))
+    assert loaded.kind == "checkpoint" and loaded.template is None
+    name = served_name(str(tmp_path / "myrun"))
+    app, _ = make_app(loaded, model_name=name)
+    with TestClient(app, base_url="http://localhost") as client:
+        assert client.get("/v1/models").json()["data"][0]["id"] == "myrun"
+        r = chat(client, model="myrun", max_tokens=3, temperature=0)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+        r = client.post(
+            "/v1/completions", json={"model": "myrun", "prompt": "Paris", "max_tokens": 3}
+        )
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in (
+            "stop",
+            "length",
+        )

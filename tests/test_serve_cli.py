@@ -3,6 +3,7 @@ SIGTERM (B10), on a tiny random model saved as GGUF."""
 
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from test_resolve import CFG, TEMPLATE, tiny_model, tiny_tokenizer
 
 from pellucid.cli import main
 from pellucid.cli.serve import check_exposure, is_loopback, served_name
+from pellucid.errors import ConfigError
 from pellucid.weights.gguf import save_gguf
 
 
@@ -38,6 +40,8 @@ def serve_args(**kw):
         "allowed_host": [],
         "max_batch": 8,
         "max_queue": 64,
+        "request_timeout": 600.0,
+        "shutdown_timeout": 5.0,
     }
     return argparse.Namespace(**{**base, **kw})
 
@@ -58,6 +62,23 @@ def test_insecure_no_auth_warns_loudly_and_a_key_allows_the_bind(capsys):
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("example.com")
     assert served_name(None) == "smollm2-135m-instruct" and served_name("a/b/tiny.gguf") == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("max_batch", 0),
+        ("max_queue", 0),
+        ("request_timeout", 0.0),
+        ("request_timeout", math.nan),
+        ("shutdown_timeout", -1.0),
+        ("shutdown_timeout", math.nan),
+        ("port", 70000),
+    ],
+)
+def test_bad_serve_flags_are_one_line_errors_naming_the_flag(flag, value):
+    with pytest.raises(ConfigError, match="--" + flag.replace("_", "-")):
+        check_exposure(serve_args(**{flag: value}))
 
 
 def start(gguf_path, *extra):
@@ -101,6 +122,67 @@ def start(gguf_path, *extra):
         time.sleep(0.05)
 
 
+def wait_for_refusal(url: str, timeout: float = 5.0) -> None:
+    """Poll with new connections until the server refuses them or answers 503."""
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with httpx.Client(timeout=2) as fresh:  # a new connection each time
+                if fresh.post(url + "/v1/chat/completions", json=body).status_code == 503:
+                    return
+        except httpx.TransportError:
+            return
+        assert time.monotonic() < deadline, "new requests were still served after SIGTERM"
+        time.sleep(0.05)
+
+
+def long_streams(url: str, n: int, results: list) -> list[threading.Thread]:
+    """n streaming chat requests of 400 tokens, started in threads; (status, body) into results."""
+
+    def one() -> None:
+        body = {
+            "messages": [{"role": "user", "content": "Paris"}],
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        try:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                results.append((r.status_code, "".join(r.iter_text())))
+        except httpx.TransportError as e:  # cut off mid-stream (a shutdown with no grace)
+            results.append((None, str(e)))
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while httpx.get(url + "/health").json()["requests_active"] < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return threads
+
+
+@pytest.mark.slow
+def test_sigterm_with_no_grace_cuts_in_flight_requests_and_exits_fast(gguf_path):
+    proc, _, url = start(gguf_path, "--shutdown-timeout", "0")
+    try:
+        results = []
+        threads = long_streams(url, 2, results)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(10)
+        assert time.monotonic() - t0 < 4 and code in (0, -signal.SIGTERM)  # B10, T=0
+        for t in threads:
+            t.join(10)
+        assert len(results) == 2
+        assert not any(body.rstrip().endswith("data: [DONE]") for _, body in results)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.slow
 def test_port_0_loopback_only_and_sigterm_lets_in_flight_requests_finish(gguf_path):
     proc, _, url = start(gguf_path)
@@ -112,26 +194,12 @@ def test_port_0_loopback_only_and_sigterm_lets_in_flight_requests_finish(gguf_pa
         ]
         assert listening and all(a.ip == "127.0.0.1" for a in listening)  # D4: loopback only
         results = []
-
-        def one():
-            body = {
-                "messages": [{"role": "user", "content": "Paris"}],
-                "max_tokens": 400,
-                "ignore_eos": True,
-                "stream": True,
-            }
-            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
-                results.append((r.status_code, "".join(r.iter_text())))
-
-        threads = [threading.Thread(target=one) for _ in range(4)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while httpx.get(url + "/health").json()["requests_active"] < 4:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        threads = long_streams(url, 4, results)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+        # B10: while the four finish, a new request finds the door closed (or a 503)
+        wait_for_refusal(url)
+        assert len(results) < 4  # (it was refused before the in-flight ones were done)
         for t in threads:
             t.join(30)
         code = proc.wait(15)

@@ -5,15 +5,26 @@ queued), B8 (a client that stops reading is cut off), C2 (overload: fast 429, ga
 and continuous batching: requests that join mid-decode get the tokens they get alone.
 """
 
+import argparse
 import json
+import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
+import torch
 from serve_util import KEY, LiveServer, make_app, tiny_loaded, wait_for
+
+from pellucid.cli.serve import add_serve
+from pellucid.infer.kv_pool import CHUNK
+from pellucid.model.kv_cache import bytes_per_token
 
 MESSAGES = [{"role": "user", "content": "Paris is the capital"}]
 
@@ -35,9 +46,15 @@ def metrics(server):
     return r.json()
 
 
+def is_idle(m):
+    """No request, sequence or queued ticket left, and no KV memory held."""
+    return not (m["requests_active"] or m["sequences_active"] or m["queue_length"]) and (
+        m["kv_bytes_used"] == 0
+    )
+
+
 def idle(server):
-    m = metrics(server)
-    return m["requests_active"] == 0 and m["sequences_active"] == 0 and m["queue_length"] == 0
+    return is_idle(metrics(server))
 
 
 # --- the openai client: every route and feature -----------------------------------------------------
@@ -69,6 +86,27 @@ def test_openai_client_chat_stream_n_logprobs_usage(live):
         model="tiny", messages=MESSAGES, max_tokens=6, temperature=0.9, seed=3, n=3
     )
     assert sorted(c.index for c in many.choices) == [0, 1, 2]
+    streamed = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=6,
+            temperature=0.9,
+            seed=3,
+            n=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    for c in many.choices:  # the same choices, streamed, each ending with its finish_reason
+        mine = [k.choices[0] for k in streamed if k.choices and k.choices[0].index == c.index]
+        assert "".join(m.delta.content or "" for m in mine) == c.message.content
+        assert mine[-1].finish_reason == c.finish_reason
+    assert streamed[-1].usage.completion_tokens == many.usage.completion_tokens
+    capped = client.chat.completions.create(  # the newer name of max_tokens
+        model="tiny", messages=MESSAGES, max_completion_tokens=3, extra_body={"ignore_eos": True}
+    )
+    assert capped.usage.completion_tokens == 3 and capped.choices[0].finish_reason == "length"
 
 
 def test_openai_client_completions_stop_and_models(live):
@@ -78,13 +116,13 @@ def test_openai_client_completions_stop_and_models(live):
     r = client.completions.create(model="tiny", prompt="Paris is", max_tokens=10, temperature=0)
     text = r.choices[0].text
     assert r.object == "text_completion" and r.usage.prompt_tokens > 0
-    if len(text) >= 4:
-        stop = text[2:4]
-        cut = client.completions.create(
-            model="tiny", prompt="Paris is", max_tokens=10, temperature=0, stop=[stop]
-        )
-        assert cut.choices[0].text == text[: text.find(stop)]
-        assert cut.choices[0].finish_reason == "stop"
+    assert len(text) >= 4  # (greedy on a fixed tiny model: always the same text)
+    stop = text[2:4]
+    cut = client.completions.create(
+        model="tiny", prompt="Paris is", max_tokens=10, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
     streamed = client.completions.create(
         model="tiny", prompt="Paris is", max_tokens=10, temperature=0, stream=True, logprobs=1
     )
@@ -112,6 +150,71 @@ def test_openai_client_sees_every_error_as_its_exception(live):
             model="tiny", messages=[{"role": "user", "content": "x" * (9 << 20)}]
         )
     assert e.value.status_code == 413
+
+
+def test_openai_client_sees_queue_full_capacity_and_server_errors():
+    """The rest of item 3 through the openai client: 401 without a key, 400 for a request the KV
+    pool cannot hold even alone, 429 when the queue is full, 500 when the engine fails and 503
+    once the server is shutting down."""
+    loaded = tiny_loaded()
+    per_token = bytes_per_token(loaded.model.cfg, torch.float32)
+    app, engine = make_app(
+        loaded, delay=0.05, api_key=KEY, max_batch=1, max_queue=1, kv_budget_bytes=64 * per_token
+    )
+    with LiveServer(app) as server:
+        client = client_for(server)
+        with pytest.raises(openai.AuthenticationError):  # the right key, but not sent: missing
+            client.models.list(extra_headers={"Authorization": openai.omit})
+        with pytest.raises(openai.BadRequestError) as e:  # prompt + 60 > the pool's 64 tokens
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=60)
+        assert e.value.body["code"] == "kv_budget" and e.value.body["param"] == "max_tokens"
+        assert "lower max_tokens" in e.value.message
+        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 30, "ignore_eos": True}
+        auth = {"Authorization": f"Bearer {KEY}"}
+        url = server.url + "/v1/chat/completions"
+        with (
+            httpx.Client(headers=auth, timeout=30) as a,
+            a.stream("POST", url, json={**body, "stream": True}) as running,
+        ):
+            lines = running.iter_lines()  # (kept: a dropped iterator closes the connection)
+            next(line for line in lines if line.startswith("data:"))
+            queued = raw_post(server.port, body, KEY)  # the one slot is busy: this one waits
+            wait_for(lambda: metrics(server)["queue_length"] == 1, 5, "a request to queue")
+            with pytest.raises(openai.RateLimitError) as e:  # and the queue (1) is full
+                client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+            assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "1"
+            queued.close()
+        wait_for(lambda: idle(server), 5, "the two requests to be dropped")
+        engine.fail_at_step = engine.steps
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3)
+        assert e.value.status_code == 500 and e.value.body["type"] == "server_error"
+        app.state.scheduler.close()
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3)
+        assert e.value.status_code == 503 and "shutting down" in e.value.message
+
+
+# --- item 1: a request's KV memory is what it can use, from the pool -------------------------------
+
+
+def test_a_request_holds_kv_memory_for_its_prompt_and_max_tokens_not_the_context():
+    loaded = tiny_loaded(context_len=768)
+    per_token = bytes_per_token(loaded.model.cfg, torch.float32)
+    app, engine = make_app(loaded, delay=0.05)
+    body = {"messages": MESSAGES, "max_tokens": 20, "ignore_eos": True, "stream": True}
+    with LiveServer(app) as server, httpx.Client(timeout=30) as c:
+        with c.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()  # (kept: a dropped iterator closes the connection)
+            next(line for line in lines if line.startswith("data:"))
+            m = metrics_noauth(server)
+            assert m["sequences_active"] == 1
+            need = len(engine.prompts[-1]) + 20  # prompt + max_tokens
+            # one row, rounded up to the pool's chunk: not the 768-token context
+            assert need * per_token <= m["kv_bytes_used"] < (need + CHUNK) * per_token
+            assert m["kv_bytes_used"] < 768 * per_token // 4
+            assert m["kv_bytes_budget"] == engine.kv_bytes_budget >= m["kv_bytes_used"]
+        wait_for(lambda: idle_noauth(server), 2.0, "the memory to go back to the pool")
 
 
 # --- continuous batching ----------------------------------------------------------------------------
@@ -146,7 +249,8 @@ def test_requests_joining_mid_decode_get_their_greedy_tokens_alone():
             t.join(60)
         assert "".join(first + rest) == "".join(alone[0])
         assert got[1] == alone[1] and got[2] == alone[2]
-        assert max(len(p) for p in engine.prompts) > 0 and idle(server) is not None
+        assert len(engine.prompts) == 6  # three alone, then three together
+        wait_for(lambda: idle_noauth(server), 2.0, "the gauges to return to 0")
 
 
 def raw_post(port, body, key=None, rcvbuf=None):
@@ -255,6 +359,8 @@ def test_overload_is_refused_fast_with_429_and_the_gauges_return_to_zero():
         url = server.url + "/v1/chat/completions"
         body = {"messages": MESSAGES, "max_tokens": 8, "stream": True}
         results = []
+        assert httpx.post(url, json=body, timeout=60).status_code == 200  # warm, then measure
+        rss_before = psutil.Process().memory_info().rss
 
         def one():
             t = time.monotonic()
@@ -280,11 +386,11 @@ def test_overload_is_refused_fast_with_429_and_the_gauges_return_to_zero():
         assert httpx.get(server.url + "/health").status_code == 200
         wait_for(lambda: idle_noauth(server), 2.0, "the gauges to return to 0")
         assert metrics_noauth(server)["requests_rejected_total"] == codes.count(429)
+        assert psutil.Process().memory_info().rss < 1.2 * rss_before  # C2: RSS within +20 %
 
 
 def idle_noauth(server):
-    m = metrics_noauth(server)
-    return m["requests_active"] == 0 and m["sequences_active"] == 0 and m["queue_length"] == 0
+    return is_idle(metrics_noauth(server))
 
 
 # --- item 4: time limit; the event loop stays free while the model runs ----------------------------
@@ -384,8 +490,46 @@ def test_short_soak_with_churn_keeps_valid_requests_error_free():
         threads = [threading.Thread(target=client, args=(rng.random(),)) for _ in range(3)]
         for t in threads:
             t.start()
+        time.sleep(3)  # past the start (the "minute 1" of C3, scaled down)
+        me = psutil.Process()
+        rss_early, fds_early = me.memory_info().rss, me.num_fds()
         for t in threads:
             t.join(60)
         assert errors == []
         wait_for(lambda: idle_noauth(server), 2.0, "the gauges to return to 0")
         assert threading.active_count() <= threads_before + 5
+        assert me.num_fds() <= fds_early + 5 and me.memory_info().rss < 1.1 * rss_early
+
+
+# --- the README's examples (docs/readme/serve.md), as written ---------------------------------------
+
+README = Path(__file__).parents[1] / "docs" / "readme" / "serve.md"
+
+
+def readme_blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), re.S)
+
+
+def test_the_readme_examples_work_as_written(capsys):
+    app, _ = make_app(tiny_loaded(context_len=256), model_name="smollm2-135m-instruct")
+    with LiveServer(app) as server:
+        here = f"127.0.0.1:{server.port}"  # the only change: the port the test server got
+        (example,) = readme_blocks("python")
+        exec(compile(example.replace("127.0.0.1:8000", here), str(README), "exec"), {})
+        out = capsys.readouterr().out
+        assert out.endswith("\n") and len(out.strip()) > 0
+        (curl,) = [b for b in readme_blocks("bash") if b.startswith("curl ")]
+        if shutil.which("curl"):
+            run = subprocess.run(
+                ["bash", "-c", curl.replace("127.0.0.1:8000", here)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            reply = json.loads(run.stdout)
+            assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] >= 1
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", README.read_text()))
+    parser = argparse.ArgumentParser()
+    add_serve(parser.add_subparsers())
+    known = set(parser._subparsers._group_actions[0].choices["serve"]._option_string_actions)
+    assert flags and flags <= known, flags - known  # every flag the README names exists

@@ -120,6 +120,14 @@ def test_normalize_answer(got, want):
     assert normalize_answer(got) == want
 
 
+def test_eval_scores_with_the_same_normalisation():
+    # `pellucid eval` once kept its own copy, without the comma rule: "3,7,9" missed "3, 7, 9"
+    from pellucid.train.evaluate import normalize_answer as used_by_eval
+
+    assert used_by_eval("3,7 ,9.") == used_by_eval("3, 7, 9") == "3, 7, 9"
+    assert used_by_eval("\uff14\uff12!") == "42"  # full-width digits (NFKC)
+
+
 def test_normalize_does_not_merge_different_answers():
     assert normalize_answer("12") != normalize_answer("1, 2")
     assert normalize_answer("nest-falcon") != normalize_answer("nest falcon")

@@ -213,9 +213,11 @@ def test_chat_streams_a_reply_and_keeps_the_conversation(page, live):
     page.goto(live.url + "/")
     page.wait_for_selector("#model:has-text('tiny')")
     page.fill("#system", "Be brief.")
-    page.eval_on_selector(
-        "#temperature", "e => { e.value = '0.3'; e.dispatchEvent(new Event('input')) }"
-    )
+    for control, value in (("#temperature", "0.3"), ("#top-p", "0.5")):
+        page.eval_on_selector(
+            control, f"e => {{ e.value = '{value}'; e.dispatchEvent(new Event('input')) }}"
+        )
+    page.fill("#max-tokens", "40")
     send(page, "hi")
     # the first two chunks are on the page while the server still holds the rest: streamed
     reply = page.locator(".msg.assistant .body").last
@@ -230,6 +232,7 @@ def test_chat_streams_a_reply_and_keeps_the_conversation(page, live):
     body = live.app_state.bodies[-1]
     assert body["stream"] is True and body["logprobs"] is True and body["top_logprobs"] == 5
     assert body["temperature"] == 0.3 and body["model"] == "tiny"
+    assert body["top_p"] == 0.5 and body["max_tokens"] == 40
     assert body["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "hi"},

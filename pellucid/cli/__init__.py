@@ -14,10 +14,14 @@ import sys
 from collections.abc import Callable
 
 from pellucid import __version__
+from pellucid.cli.align import add_dpo, add_report, add_reward
 from pellucid.cli.data import add_data, add_tokenizer
 from pellucid.cli.explain import add_explain, add_explain_train
 from pellucid.cli.finetune import add_eval, add_finetune
 from pellucid.cli.generate import add_chat, add_export, add_generate
+from pellucid.cli.ladder import add_ladder
+from pellucid.cli.rank import add_prefs, add_rank
+from pellucid.cli.rl import add_rlhf
 from pellucid.cli.serve import add_serve
 from pellucid.cli.train import add_demo, add_train
 from pellucid.errors import PellucidError
@@ -34,7 +38,14 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_explain_train,
     add_finetune,
     add_eval,
+    add_rlhf,
     add_serve,
+    add_rank,
+    add_prefs,
+    add_reward,
+    add_dpo,
+    add_report,
+    add_ladder,
 ]
 
 

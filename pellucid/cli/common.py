@@ -41,8 +41,8 @@ def add_quant(p: argparse.ArgumentParser) -> None:
         "--quant",
         choices=["auto", "fp32", "q8", "q4"],
         default="auto",
-        help="weights for decoding: auto = q8 on the CPU (fastest passing the quality guard), "
-        "fp32 = exact, q4 = 4-bit blocks (see bench/RESULTS.md)",
+        help="weights for decoding: auto = a GGUF file's own blocks (its model exactly), other "
+        "float weights as 8-bit blocks; fp32 = float32; q8, q4 = requantize (docs/readme/speed.md)",
     )
 
 

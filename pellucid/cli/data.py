@@ -24,6 +24,11 @@ def add_data(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--n", type=int, required=True, help="number of tasks (distinct prompts)")
     t.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     t.add_argument("--out", required=True, help="the JSONL file to write")
+    o = verbs.add_parser("prompts", help="generate prompts an oracle can judge, as JSONL")
+    o.add_argument("oracle", help="sentences, words, format or task (see `pellucid dpo`)")
+    o.add_argument("--n", type=int, required=True, help="number of distinct prompts")
+    o.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    o.add_argument("--out", required=True, help="the JSONL file to write")
     add_prepare(verbs)
     p.set_defaults(handler=cmd_data)
 
@@ -76,12 +81,19 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     if args.data_cmd == "prepare":
         return cmd_prepare(args)
-    if args.data_cmd == "tasks":
+    if args.data_cmd == "prompts":
+        from pellucid.align.oracle import get_oracle, make_prompts
+        from pellucid.data.preferences import write_prompts
+
+        write_prompts(args.out, make_prompts(get_oracle(args.oracle), args.n, args.seed))
+        print(f"{args.out}: {args.n} prompts for the {args.oracle} oracle (seed {args.seed})")
+    elif args.data_cmd == "tasks":
         import json
 
         from pellucid.data.tasks import make_tasks
-        from pellucid.files import atomic_open
+        from pellucid.files import atomic_open, check_output
 
+        check_output(args.out, "file")  # before generating
         rows = make_tasks(args.name, args.n, args.seed)
         with atomic_open(args.out, "w") as out:
             out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

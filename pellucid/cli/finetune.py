@@ -7,28 +7,33 @@ import argparse
 from pellucid.cli.common import emit_json
 
 
+def add_run_flags(t: argparse.ArgumentParser, data_help: str, eval_help: str) -> None:
+    """The flags of every fine-tuning-like run (finetune, reward train, dpo)."""
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_steps=200")
+    t.add_argument("--model", help="base model spec (default smollm2-135m-instruct)")
+    t.add_argument("--data", help=data_help)
+    t.add_argument("--out", help="run directory to create (default runs/<task>-<timestamp>)")
+    t.add_argument("--lora", action="store_true", help="train LoRA adapters, base frozen")
+    t.add_argument("--eval-data", help=eval_help)
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    t.set_defaults(handler=cmd_finetune)
+
+
 def add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model: sft (chat/instruction) or classify")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
     for task, what in (("sft", "instruction / chat SFT"), ("classify", "a classifier head")):
         t = tasks.add_parser(task, help=f"{what} (LoRA with --lora)")
-        t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_steps=200")
-        t.add_argument("--model", help="base model spec (default smollm2-135m-instruct)")
-        t.add_argument("--data", help="training JSONL (chat, instruction, prompt/completion, task"
-                       + (")" if task == "sft" else "; here text/label rows)"))  # fmt: skip
-        t.add_argument("--out", help="run directory to create (default runs/<task>-<timestamp>)")
-        t.add_argument("--lora", action="store_true", help="train LoRA adapters, base frozen")
-        t.add_argument(
-            "--eval-data", help="held-out JSONL: scored before/after, kept out of training"
-        )
-        t.add_argument(
-            "--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint"
+        add_run_flags(
+            t,
+            "training JSONL (chat, instruction, prompt/completion, task"
+            + (")" if task == "sft" else "; here text/label rows)"),
+            "held-out JSONL: scored before/after, kept out of training",
         )
         if task == "sft":
             t.add_argument("--pack", action="store_true", help="pack examples into full rows")
         else:
             t.add_argument("--train-last", type=int, help="train only the last N blocks + head")
-        t.set_defaults(handler=cmd_finetune)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -36,6 +41,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from pellucid import finetune
     from pellucid.errors import ConfigError
+    from pellucid.files import check_output
 
     extra = []
     if args.eval_data:
@@ -54,7 +60,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             args.task, args.model, args.data or "", lora=args.lora,
             assignments=extra + args.overrides,
         )  # fmt: skip
-        result = finetune.finetune(run, Path(args.out) if args.out else None)
+        out = check_output(args.out, "dir") if args.out else None  # before loading anything
+        result = finetune.finetune(run, out)
     print(f"before: {finetune._fmt(result.before)}")
     print(f"after:  {finetune._fmt(result.after)}  ({result.state.step} steps)")
     print(f"run directory: {result.run_dir} (a model spec: pellucid chat --model {result.run_dir})")
@@ -71,11 +78,13 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=0, help="score only the first N rows")
     p.add_argument("--show", type=int, default=0, help="print the first N answers to task rows")
+    p.add_argument("--truncate", action="store_true", help="cut rows longer than the context")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_eval)
 
 
-_KEYS = ("n", "bits_per_byte", "perplexity", "accuracy", "macro_f1", "exact_match")
+_KEYS = ("n", "bits_per_byte", "perplexity", "accuracy", "macro_f1", "exact_match",
+         "pairwise_accuracy", "margin")  # fmt: skip
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -86,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--max-new-tokens and --batch-size must be >= 1, --limit >= 0")
     r = evaluate_file(
         args.model, args.data, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, limit=args.limit,
+        batch_size=args.batch_size, limit=args.limit, truncate=args.truncate,
     )  # fmt: skip
     if args.json:
         out = {k: r[k] for k in _KEYS if k in r}

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from pellucid.cli.common import add_model, add_sampling, emit_json, load, sampling
 from pellucid.errors import PellucidError
+
+if TYPE_CHECKING:
+    from pellucid.infer.conversation import Responder
+    from pellucid.infer.sampling import SamplingParams
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -77,21 +82,43 @@ def _read_line(interactive: bool) -> str | None:
         return None
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
+def _responder(args: argparse.Namespace) -> tuple[Responder, SamplingParams, int]:
+    """What `chat` talks to (an engine Conversation, or a program such as ELIZA), its sampling
+    settings and context length; prints the banner (and a program's greeting)."""
+    from pellucid.weights.resolve import PROGRAMS
+
+    if args.model in PROGRAMS:
+        from pellucid.history.eliza import Eliza
+        from pellucid.infer.sampling import SamplingParams
+
+        bot = Eliza.doctor()
+        print(
+            "pellucid chat: ELIZA (Weizenbaum 1966, the DOCTOR script): pattern matching, "
+            "no parameters. /reset starts over, /exit quits.",
+            file=sys.stderr,
+            flush=True,
+        )
+        print(bot.greeting, flush=True)
+        return bot, SamplingParams(), 0
     from pellucid.infer.conversation import Conversation
     from pellucid.infer.engine import Engine
 
     loaded = load(args)
     engine = Engine(loaded.model, loaded.tokenizer)
-    chat = Conversation(engine, loaded.chat_template(), system=args.system)
-    params = sampling(args, loaded.tokenizer)
-    ctx, interactive = engine.cfg.context_len, sys.stdin.isatty()
+    ctx = engine.cfg.context_len
     print(
         f"pellucid chat: {loaded.source.name}, {loaded.model.num_params() / 1e6:.1f}M parameters, "
         f"context {ctx} tokens. /reset starts over, /exit quits.",
         file=sys.stderr,
         flush=True,
     )
+    chat = Conversation(engine, loaded.chat_template(), system=args.system)
+    return chat, sampling(args, loaded.tokenizer), ctx
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    chat, params, ctx = _responder(args)
+    interactive = sys.stdin.isatty()
     while (line := _read_line(interactive)) is not None:
         command = line.strip()
         if command in ("/exit", "/quit"):
@@ -117,7 +144,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("\n[reply interrupted; that message was withdrawn]", file=sys.stderr, flush=True)
             continue
         print(flush=True)
-        if args.stats:
+        if args.stats and turn.completion.ids:  # a program (ELIZA) makes no tokens to count
             t = turn.completion.timing
             print(
                 f"[prompt {turn.prompt_tokens} tokens, prefilled {t.prefill_tokens} "

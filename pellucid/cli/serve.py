@@ -40,6 +40,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="most sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting (then 429)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, seconds in-flight requests may take to finish (then they are cut)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="request body limit (413)")
     p.add_argument("--kv-budget-mb", type=int, help="KV-cache pool memory (default: the engine's)")
     p.add_argument(
@@ -77,6 +83,10 @@ def check_exposure(args: argparse.Namespace) -> list[str]:
     for name, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
+    if not args.request_timeout > 0:  # (NaN fails both comparisons too)
+        raise ConfigError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    if not args.shutdown_timeout >= 0:
+        raise ConfigError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     hosts = list(args.allowed_host)
@@ -141,6 +151,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

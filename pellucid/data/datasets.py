@@ -49,12 +49,15 @@ from pellucid.files import (
     fetch_npm,
     fetch_pypi,
     pellucid_home,
+    read_json,
     read_tar_members,
 )
 
 log = logging.getLogger("pellucid")
 
-BUILDER_VERSION = 4  # bump when a builder's output changes, so cached files are rebuilt
+BUILDER_VERSION = 5  # bump when a builder's output changes, so cached files are rebuilt
+# The manifest fields the readers use (pellucid.files.check_shape); a mismatch means a rebuild.
+MANIFEST_SHAPE = {"builder": int, "shape": str, "rows": int, "labels": {"*": int}, "bytes": int}
 
 PYTHON_DOC = DebArtifact(
     "python3.11-doc",
@@ -273,13 +276,13 @@ def _paths(name: str) -> tuple[Path, Path]:
 def _cached_manifest(ds: Dataset) -> dict | None:
     """The manifest of a complete cached build of `ds` from the pinned source, else None."""
     data, manifest_path = _paths(ds.name)
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    try:  # anything wrong with it (missing, torn, edited) means: build again
+        manifest = read_json(manifest_path, shape=MANIFEST_SHAPE)
         ok = manifest["builder"] == BUILDER_VERSION and all(
             manifest.get(k) == v for k, v in _source_key(ds).items()
         )
         ok = ok and data.stat().st_size == manifest["bytes"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (DataError, OSError):
         return None
     return manifest if ok else None
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from pellucid.data.batches import IGNORE_INDEX, Batch
 from pellucid.data.jsonl import Record
-from pellucid.errors import DataError
+from pellucid.errors import DataError, TokenizerError
 
 if TYPE_CHECKING:
     from pellucid.tokenizer.bpe import Tokenizer
@@ -71,10 +71,11 @@ class EncodedText:
     line: int
 
 
-def _too_long(n_long: int, n: int, max_len: int, longest: int, line: int) -> DataError:
+def _too_long(source: str, n_long: int, n: int, max_len: int, longest: int, line: int) -> DataError:
     return DataError(
-        f"{n_long} of {n} examples are longer than {max_len} tokens (the longest, {longest}, "
-        f"at line {line}); pass finetune.truncate=true to cut them, or raise finetune.max_len"
+        f"{source}: {n_long} of {n} examples are longer than {max_len} tokens (the longest, "
+        f"{longest}, at line {line}); cut them with finetune.truncate=true (pellucid eval: "
+        "--truncate), or raise finetune.max_len"
     )
 
 
@@ -84,16 +85,21 @@ def encode_lm(
     tokenizer: Tokenizer,
     max_len: int,
     truncate: bool = False,
+    source: str = "data",
 ) -> list[Encoded]:
     """Render each conversation with `template`, tokenize it and mark the assistant tokens.
 
     An example needs len(ids) <= max_len + 1 (max_len inputs, each predicting the next id).
     Longer ones are refused with a count (DataError), or with `truncate` cut to fit; a cut
-    example left with no assistant token is dropped, and both counts are logged.
+    example left with no assistant token is dropped, and both counts are logged. `source`
+    (the file) starts every message.
     """
     out, long, dropped = [], [], 0
     for r in records:
-        ids, mask = template.encode_with_mask(tokenizer, r.messages)
+        try:
+            ids, mask = template.encode_with_mask(tokenizer, r.messages)
+        except TokenizerError as e:  # a byte the vocabulary lacks: say which row holds it
+            raise DataError(f"{source}:{r.line}: {e}") from None
         n_bytes = sum(len(m["content"].encode()) for m in r.messages if m["role"] == "assistant")
         if len(ids) > max_len + 1:
             long.append((len(ids), r.line))
@@ -106,16 +112,14 @@ def encode_lm(
         out.append(Encoded(tuple(ids), tuple(mask), n_bytes, r.line))
     if long and not truncate:
         longest = max(long)
-        raise _too_long(len(long), len(records), max_len, longest[0], longest[1])
+        raise _too_long(source, len(long), len(records), max_len, longest[0], longest[1])
     if long:
         log.info(
-            "truncated %d examples to %d tokens; dropped %d left with no reply tokens",
-            len(long),
-            max_len,
-            dropped,
-        )
+            "%s: truncated %d examples to %d tokens; dropped %d left with no reply tokens",
+            source, len(long), max_len, dropped,
+        )  # fmt: skip
     if not out:
-        raise DataError("no examples left to train on")
+        raise DataError(f"{source}: no examples left to train on")
     return out
 
 
@@ -125,6 +129,7 @@ def encode_text(
     labels: Sequence[str],
     max_len: int,
     truncate: bool = False,
+    source: str = "data",
 ) -> list[EncodedText]:
     """Tokenize classification texts (no chat template) and map labels to their index.
 
@@ -136,15 +141,18 @@ def encode_text(
     for r in records:
         if r.label not in index:
             raise DataError(f"line {r.line}: label {r.label!r} is not one of {list(labels)}")
-        ids = tokenizer.encode(r.text) or [0]
+        try:
+            ids = tokenizer.encode(r.text) or [0]
+        except TokenizerError as e:
+            raise DataError(f"{source}:{r.line}: {e}") from None
         if len(ids) > max_len:
             long.append((len(ids), r.line))
             ids = ids[-max_len:]
         out.append(EncodedText(tuple(ids), index[r.label], r.line))
     if long and not truncate:
-        raise _too_long(len(long), len(records), max_len, *max(long))
+        raise _too_long(source, len(long), len(records), max_len, *max(long))
     if long:
-        log.info("truncated %d texts to their last %d tokens", len(long), max_len)
+        log.info("%s: truncated %d texts to their last %d tokens", source, len(long), max_len)
     return out
 
 

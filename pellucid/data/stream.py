@@ -14,7 +14,6 @@ ours, and it gives the pages back under pressure).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,15 @@ import numpy as np
 
 from pellucid.data.shards import Shards
 from pellucid.errors import ConfigError, DataError
-from pellucid.files import pellucid_home, sha256_file
+from pellucid.files import pellucid_home, read_json, sha256_file
 
 FORMAT = "pellucid-prepared/1"
+# The fields of manifest.json the readers use, with their types (pellucid.files.check_shape).
+_FILE = {"file": str, "tokens": int, "sha256": str}
+MANIFEST_SHAPE = {
+    "format": str, "dtype": str, "tokenizer_sha256": str, "shards": [_FILE], "val": _FILE,
+    "train_tokens": int, "train_bytes": int, "val_tokens": int, "val_bytes": int,
+}  # fmt: skip
 
 
 class TokenFiles:
@@ -117,16 +122,11 @@ def resolve_prepared(spec: str) -> Path:
 def open_prepared(spec: str, *, check: bool = False) -> Prepared:
     """Open a prepared dataset; sizes are always checked, sha256 of every file with `check`."""
     folder = resolve_prepared(spec)
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        dtype = np.dtype(manifest["dtype"])
-        files = [*manifest["shards"], manifest["val"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(
-            f"{folder}/manifest.json: unreadable or not a {FORMAT} manifest ({e})"
-        ) from None
-    if manifest.get("format") != FORMAT:
+    manifest = read_json(folder / "manifest.json", DataError, shape=MANIFEST_SHAPE)
+    if manifest["format"] != FORMAT or manifest["dtype"] not in ("uint16", "uint32"):
         raise DataError(f"{folder}/manifest.json: not a {FORMAT} manifest")
+    dtype = np.dtype(manifest["dtype"])
+    files = [*manifest["shards"], manifest["val"]]
     for entry in files:
         path = folder / Path(entry["file"]).name
         size = path.stat().st_size if path.is_file() else -1

@@ -29,6 +29,7 @@ import difflib
 import json
 import random
 import re
+import unicodedata
 from collections.abc import Callable
 
 from pellucid.errors import DataError
@@ -218,12 +219,13 @@ def make_tasks(name: str, n: int, seed: int) -> list[dict]:
 
 
 def normalize_answer(text: str) -> str:
-    """An answer as exact match compares it: case folded, whitespace collapsed (and none around
-    commas), final punctuation (. ! ? ; : , and spaces) stripped.
+    """An answer as exact match compares it (`pellucid eval`, fine-tuning reports): Unicode
+    NFKC (full-width digits are digits), case folded, whitespace collapsed (one space after a
+    comma, none before), final punctuation (. ! ? ; : , 。 and spaces) stripped.
 
     >>> normalize_answer("  The  List:  3 ,7,9. "), normalize_answer("APPLE!")
     ('the list: 3, 7, 9', 'apple')
     """
-    text = " ".join(text.split()).casefold()
+    text = " ".join(unicodedata.normalize("NFKC", text).split()).casefold()
     text = re.sub(r"\s*,\s*", ", ", text)
-    return text.rstrip(".!?;:, ")
+    return text.rstrip(".!?;:,。 ")

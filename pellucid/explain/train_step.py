@@ -15,6 +15,7 @@ fraction by which one step moves the layer); and how many activations each dropo
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +91,10 @@ def explain_train(
         )
     if not 0 <= dropout < 1:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+    if not (math.isfinite(lr) and lr > 0):  # torch's AdamW would raise it from deep inside
+        raise ConfigError(f"lr (the learning rate) must be a finite number > 0, got {lr}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
     x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])  # (1, T) inputs and shifted targets
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     old_p = {m: m.p for m in model.modules() if isinstance(m, (nn.Dropout, Dropout))}

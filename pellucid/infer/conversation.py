@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pellucid.errors import PellucidError
 from pellucid.infer.engine import Completion, Engine, Session
@@ -50,8 +50,23 @@ class Turn:
     dropped: list[dict[str, str]] = field(default_factory=list)
 
 
+class Responder(Protocol):
+    """What `pellucid chat` talks to: a Conversation over the engine, or a program with no
+    weights at all (history/eliza.py). `say` streams the reply through on_text."""
+
+    def say(
+        self,
+        text: str,
+        params: SamplingParams,
+        on_text: Callable[[str], None] | None = None,
+        on_drop: Callable[[list[dict[str, str]]], None] | None = None,
+    ) -> Turn: ...
+
+    def reset(self) -> None: ...
+
+
 class Conversation:
-    """The messages of one chat, and the KV cache (a Session) that holds them."""
+    """The messages of one chat, and the KV cache (a Session) that holds them (a Responder)."""
 
     def __init__(self, engine: Engine, template: ChatTemplate, system: str | None = None) -> None:
         if engine.tokenizer is None:

@@ -48,8 +48,9 @@ import torch
 from torch import Tensor, nn
 
 from pellucid.errors import ConfigError, PellucidError
+from pellucid.infer.decode import FAST_TOKENS, FastDecoder, choose, last_logits
 from pellucid.infer.kv_pool import KVPool, default_budget
-from pellucid.infer.sampling import SamplingParams, probabilities, process_logits, sample, seen_mask
+from pellucid.infer.sampling import SamplingParams, seen_mask
 from pellucid.infer.sequence import Completion, RowText, Step, Timing, common_prefix, split_stop
 from pellucid.model.kv_cache import KVCache
 from pellucid.tokenizer.stream import StreamDecoder
@@ -134,6 +135,7 @@ class Engine:
         self._pending: list[_Seq] = []  # added since the last step, not yet prefilled
         self._next_handle = 0
         self.last_step = Timing()  # where the latest step() spent its time
+        self._fast = FastDecoder.build(model)  # decode steps as numba kernels, if it applies
 
     # --- the step-wise core ------------------------------------------------------------------------
 
@@ -370,13 +372,13 @@ class Engine:
         parts = []
         if rows:
             cache = self.pool.view(0, len(rows), [s.cached for s in rows])
-            parts.append(self._last_logits([[s.ids[-1]] for s in rows], cache))
+            parts.append(self._logits([[s.ids[-1]] for s in rows], cache))
             for s in rows:
                 s.cached += 1
         timing.decode_tokens = len(rows)
         uncached = [s for s in self._seqs.values() if not s.use_cache]
         if uncached:  # the whole sequence again, new or not: one forward without a cache
-            parts.append(self._last_logits([s.ids for s in uncached]))
+            parts.append(self._logits([s.ids for s in uncached]))
             fresh = sum(len(s.ids) for s in uncached if s.text.n_new == 0)
             timing.prefill_tokens += fresh
             timing.decode_tokens += sum(1 for s in uncached if s.text.n_new > 0)
@@ -390,7 +392,9 @@ class Engine:
             timing.prefill_s = perf_counter() - clock
         clock = perf_counter()
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, V)
-        ids, logprobs, tops = self._choose(rows, logits)
+        ids, logprobs, tops = choose(
+            [s.params for s in rows], [s.seen for s in rows], [s.gen for s in rows], logits
+        )
         steps = []
         for b, s in enumerate(rows):
             step = s.text.step(ids[b], logprobs[b], tops[b], s.params, self.cfg.context_len)
@@ -416,10 +420,16 @@ class Engine:
             lengths.append(s.cached)
             todo.append(s.ids[s.cached :])
         timing.prefill_tokens += sum(map(len, todo))
-        logits = self._last_logits(todo, self.pool.view(start, start + len(seqs), lengths))
+        logits = self._logits(todo, self.pool.view(start, start + len(seqs), lengths))
         for s in seqs:  # only now: an interrupted prefill leaves a Session nothing half-written
             s.cached = len(s.ids)
         return logits
+
+    def _logits(self, rows: list[list[int]], cache: KVCache | None = None) -> Tensor:
+        """Each row's last logits (B, V): decode (a few tokens per row) on the FastDecoder if
+        there is one, prefill and uncached runs on the model (decode.last_logits)."""
+        fast = cache is not None and self._fast is not None and max(map(len, rows)) <= FAST_TOKENS
+        return last_logits(self._fast if fast else self.model, rows, self.device, cache)
 
     def _reuse(self, seq: _Seq, row: int) -> int:
         """Copy the prefix a Session's cache shares with the prompt into `row`; its length."""
@@ -432,70 +442,6 @@ class Engine:
         if n:
             self.pool.load(row, session.cache, n)
         return n
-
-    def _choose(
-        self, seqs: list[_Seq], logits: Tensor
-    ) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
-        """Pick each row's next token with its own params; returns ids, their logprobs and the
-        top alternatives. logits: (B, V), row b for seqs[b]."""
-        if bool(logits.isnan().any()):  # no distribution to sample from: say so, by name
-            raise PellucidError(
-                "the model produced NaN logits (non-finite weights or an overflow); "
-                "no token can be chosen"
-            )
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V) the model's own
-        ids = torch.empty(len(seqs), 1, dtype=torch.int64, device=logits.device)
-        for params, group in _groups(seqs):
-            every = len(group) == len(seqs)
-            z = logits if every else logits[group]  # (G, V)
-            seen = None
-            if params.repetition_penalty != 1.0:
-                seen = torch.stack([seqs[b].seen for b in group])  # (G, V)
-            z = process_logits(z, params, seen)
-            if params.temperature == 0:
-                chosen = z.argmax(dim=-1, keepdim=True)  # (G, 1)
-            else:
-                chosen = sample(probabilities(z, params.temperature), [seqs[b].gen for b in group])
-            ids = (
-                chosen
-                if every
-                else ids.index_copy_(0, torch.tensor(group, device=ids.device), chosen)
-            )
-        chosen_logprobs = logprobs.gather(1, ids)[:, 0].tolist()
-        id_list = ids[:, 0].tolist()
-        for s, t in zip(seqs, id_list, strict=True):
-            if s.seen is not None:
-                s.seen[t] = True
-        tops: list[list[tuple[int, float]]] = [[] for _ in seqs]
-        k = min(max(s.params.top_logprobs for s in seqs), logprobs.shape[-1])
-        if k:
-            values, top_ids = torch.topk(logprobs, k, dim=-1)  # (B, k)
-            tops = [
-                list(zip(i[: s.params.top_logprobs], v[: s.params.top_logprobs], strict=True))
-                for s, i, v in zip(seqs, top_ids.tolist(), values.tolist(), strict=True)
-            ]
-        return id_list, chosen_logprobs, tops
-
-    def _last_logits(self, seqs: list[list[int]], cache: KVCache | None = None) -> Tensor:
-        """Run the rows' tokens (right-padded with 0) and return the logits (B, V) of each row's
-        last real token. Causal attention keeps the padding unseen by the real tokens, and only
-        B hidden states go through the output head (not B x T of them)."""
-        T = max(map(len, seqs))
-        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=self.device)  # (B, T)
-        hidden = self.model.forward_hidden(ids, cache=cache)  # (B, T, C)
-        last = torch.tensor([len(s) - 1 for s in seqs], device=self.device)  # (B,)
-        return self.model.logits(hidden[torch.arange(len(seqs), device=self.device), last])
-
-
-def _groups(seqs: list[_Seq]) -> list[tuple[SamplingParams, list[int]]]:
-    """Rows with the same sampling chain (temperature and filters; seeds and stop rules aside),
-    so each chain runs once over its rows: [(params of the first, [row, ...]), ...]."""
-    groups: dict[tuple, tuple[SamplingParams, list[int]]] = {}
-    for b, s in enumerate(seqs):
-        p = s.params
-        key = (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty)
-        groups.setdefault(key, (p, []))[1].append(b)
-    return list(groups.values())
 
 
 def _generator(seed: int | None) -> torch.Generator:

@@ -1,28 +1,36 @@
-"""Weight-only quantization for fast CPU decoding: int8 and 4-bit blocks, with numba kernels.
+"""Quantized weights for fast CPU decoding: the GGUF file's own blocks by default, or requantized.
 
-Decoding one token reads every weight once, so on a CPU its speed is set by bytes, not FLOPs:
-SmolLM2-135M reads 538 MB per token in float32, 143 MB with 8-bit blocks and 85 MB with 4-bit
-blocks. PyTorch's stock int8/int4 CPU kernels are slower than its float32 matmul at batch 1
-(see bench/RESULTS.md), so the matrix-vector products here are small numba kernels that read
-the packed blocks directly and run near the memory bandwidth.
+Decoding one token reads every weight once, so on a CPU its speed is set by bytes and by the work
+of turning them into floats, not by FLOPs: SmolLM2-135M reads 538 MB per token in float32 and
+about 100 MB in the shipped file's 4-bit blocks. The matrix-vector products here are numba
+kernels (kernels.py) that read packed blocks directly, with float32 activations.
 
-Formats (both cut each weight row into blocks of 32, as llama.cpp's Q8_0 and Q4_1 do):
+Block formats (each weight row cut into blocks of 32, as in GGUF):
 
-    q8  (Q8_0-like): w = s * q,      q int8 in [-127, 127], s = max|w| / 127 per block
-    q4  (Q4_1-like): w = d * q + m,  q in [0, 15] (two per byte), m = min w, d = (max - min) / 15
+    q4  w = d * q + m,  q in [0, 15] (two per byte), d and m per block   GGUF Q4_1; Q4_0 is m = -8d
+    q8  w = d * q,      q int8                                          GGUF Q8_0
+    f32 the float32 weights as they are                                 anything else, exactly
 
-A GGUF's Q4_1 weights requantized to q4 give back the same blocks (each block's min and max are
-representable), so `--quant q4` on the shipped SmolLM2 file runs the very weights it was
-published with.
+Modes (`--quant`):
 
-    >>> quantize_model(model, "q8")          # swaps each nn.Linear for a QuantLinear, in place
+    auto  the default. A matrix read from a GGUF file runs the file's own blocks: Q4_0/Q4_1 as q4,
+          Q8_0 as q8, other quantized types (K-quants, ...) dequantized as f32; so the output is
+          the file's model up to float rounding (tests/test_quant.py). Float weights (safetensors,
+          a checkpoint, an F16 file, or file weights changed since loading, e.g. LoRA merged in)
+          are quantized to q8.
+    fp32  the float model, no quantization: the reference.
+    q8    requantize every matrix to q8 blocks (an explicit choice: not the file's model).
+    q4    requantize to q4 blocks, the output head to q8.
+
+    >>> quantize_model(model, "auto")     # swaps each nn.Linear for a QuantLinear, in place
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections import Counter
 from types import ModuleType
-from typing import Literal
 
 import numpy as np
 import torch
@@ -34,80 +42,144 @@ from pellucid.errors import ConfigError
 log = logging.getLogger("pellucid")
 
 BLOCK = 32
-Quant = Literal["q8", "q4"]
-MODES = ("auto", "fp32", "q8", "q4")  # auto: q8 where it applies, else fp32
-_MATVEC_ROWS = 16  # up to this many input rows use the kernels; more (prefill) dequantize + BLAS
+MODES = ("auto", "fp32", "q8", "q4")
+KIND = {"q4": 0, "q8": 1, "f32": 2}  # the kernels' codes for the block formats
+_FILE_KINDS = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8"}  # GGUF types the kernels read as they are
+_FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
+_MATVEC_ROWS = 16  # up to this many input rows use the kernels; more (prefill) BLAS on floats
+_UNUSED = np.zeros((1, 1), np.float32)  # the m (and s) of formats without them
 
 
 def _kernels() -> ModuleType:
     """The numba kernels, imported on first use so that `pellucid --help` starts fast."""
-    from pellucid.infer import quant_kernels
+    from pellucid.infer import kernels
 
-    return quant_kernels
-
-
-# --- packing ----------------------------------------------------------------------------------------
+    return kernels
 
 
-def pack_q8(w: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """w (N, K) float -> q (N, K) int8, s (N, K/32) float32 with w ~ s * q per block of 32."""
+# --- kernel form: (kind, a, s, m), see kernels.py ----------------------------------------------------
+
+
+def pack(w: Tensor, mode: str) -> tuple:
+    """Float weight (N, K) -> kernel form in `mode` (q8: s = max|w| / 127 per block; q4: the block's
+    min and (max - min) / 15; f32: a copy)."""
+    w = w.detach().float().cpu()
     N, K = w.shape
-    blocks = w.detach().float().reshape(N, K // BLOCK, BLOCK)
-    s = blocks.abs().amax(-1) / 127  # (N, K/32)
-    q = torch.round(blocks / torch.where(s == 0, 1.0, s)[..., None]).clamp_(-127, 127)
-    return q.to(torch.int8).reshape(N, K).numpy(), s.numpy()
-
-
-def pack_q4(w: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """w (N, K) float -> packed (N, K/2) uint8, d and m (N, K/32) float32: w ~ d * q + m.
-
-    Byte j of a block holds element j (low nibble) and element j + 16 (high nibble), GGUF's layout.
-    """
-    N, K = w.shape
-    blocks = w.detach().float().reshape(N, K // BLOCK, BLOCK)
+    if mode == "f32":
+        return (KIND["f32"], w.numpy().copy().view(np.uint8), _UNUSED, _UNUSED)
+    if K % BLOCK:
+        raise ConfigError(f"cannot quantize a {N}x{K} weight: {K} is not a multiple of {BLOCK}")
+    blocks = w.reshape(N, K // BLOCK, BLOCK)
+    if mode == "q8":
+        s = blocks.abs().amax(-1) / 127  # (N, K/32)
+        q = torch.round(blocks / torch.where(s == 0, 1.0, s)[..., None]).clamp_(-127, 127)
+        return (
+            KIND["q8"],
+            q.to(torch.int8).reshape(N, K).numpy().view(np.uint8),
+            s.numpy(),
+            _UNUSED,
+        )
     lo, hi = blocks.amin(-1), blocks.amax(-1)  # (N, K/32)
     d = (hi - lo) / 15
     q = torch.round((blocks - lo[..., None]) / torch.where(d == 0, 1.0, d)[..., None]).clamp_(0, 15)
     q = q.to(torch.uint8)
-    packed = q[..., :16] | (q[..., 16:] << 4)  # (N, K/32, 16)
-    return packed.reshape(N, K // 2).numpy(), d.numpy(), lo.numpy()
+    packed = q[..., :16] | (q[..., 16:] << 4)  # byte j: element j low, element j + 16 high
+    return (KIND["q4"], packed.reshape(N, K // 2).numpy(), d.numpy(), lo.numpy())
+
+
+def from_file(mode: str, arrays: tuple[np.ndarray, ...]) -> tuple:
+    """A GGUF tensor's own blocks (FileBlocks.arrays()) -> kernel form, nothing rounded."""
+    if mode == "q4":
+        p, d, m = arrays
+        return (KIND["q4"], p, d, m)
+    q, d = arrays
+    return (KIND["q8"], q.view(np.uint8), d, _UNUSED)
+
+
+def dequantize(mat: tuple) -> Tensor:
+    """Kernel form -> the (N, K) float32 weight it stands for, computed as gguf's dequantizer does
+    ((d * q) + m, no fused multiply-add), so a file's blocks give back its weights bit for bit."""
+    kind, a, s, m = mat
+    if kind == KIND["f32"]:
+        return torch.from_numpy(a.view(np.float32))
+    N, nb = s.shape
+    if kind == KIND["q8"]:
+        q = torch.from_numpy(a.view(np.int8)).float().view(N, nb, BLOCK)
+        return (q * torch.from_numpy(s)[..., None]).view(N, nb * BLOCK)
+    p = torch.from_numpy(a).view(N, nb, 16)
+    q = torch.cat([p & 15, p >> 4], dim=-1).float()  # (N, K/32, 32)
+    return (torch.from_numpy(s)[..., None] * q + torch.from_numpy(m)[..., None]).view(N, nb * BLOCK)
+
+
+def _concat(mats: list[tuple]) -> tuple:
+    """Kernel forms of one kind stacked along the output rows: one fused matrix."""
+    if len(mats) == 1:
+        return mats[0]
+    kind = mats[0][0]
+    if kind == KIND["q4"]:
+        return (kind, *(np.concatenate([mt[i] for mt in mats]) for i in (1, 2, 3)))
+    if kind == KIND["q8"]:
+        return (
+            kind,
+            np.concatenate([mt[1] for mt in mats]),
+            np.concatenate([mt[2] for mt in mats]),
+            _UNUSED,
+        )
+    return (kind, np.concatenate([mt[1] for mt in mats]), _UNUSED, _UNUSED)
 
 
 # --- the layer ----------------------------------------------------------------------------------
 
 
 class QuantLinear(nn.Module):
-    """y = x W^T (+ b) with W stored as q8 or q4 blocks; x (..., K) float32 -> (..., N) float32.
+    """y = x W^T (+ b) with W in kernel form; x (..., K) float32 -> (..., N) float32.
 
-    Few rows (decoding: one per sequence) go through the numba kernel, which reads each packed
-    weight row once for all input rows; many rows (prefill) dequantize the matrix and use BLAS,
+    linear: one nn.Linear, or several read as one matrix (their rows stacked, for FusedPart).
+    mode: "q8", "q4" (requantize) or "f32"; mats: per part, the kernel form to use instead of
+    packing the float weight (a GGUF file's own blocks). keep_dense: keep the float32 matrix once
+    built (prefill), where memory allows.
+
+    Few rows (decoding: one per sequence) go through the numba kernels, which read each packed
+    weight row once for all input rows; many rows (prefill) use BLAS on the float32 matrix,
     where the arithmetic, not the weight bytes, is the cost.
     """
 
-    def __init__(self, linear: nn.Linear | list[nn.Linear], mode: Quant) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear | list[nn.Linear],
+        mode: str,
+        mats: list[tuple | None] | None = None,
+        keep_dense: bool = False,
+    ) -> None:
         super().__init__()
-        parts = linear if isinstance(linear, list) else [linear]  # several: one fused matrix
-        weight = torch.cat([p.weight.detach() for p in parts])
-        N, K = weight.shape
-        if K % BLOCK:
-            raise ConfigError(f"cannot quantize a {N}x{K} weight: {K} is not a multiple of {BLOCK}")
-        self.mode, self.in_features, self.out_features = mode, K, N
-        self.packed = pack_q8(weight) if mode == "q8" else pack_q4(weight)
+        parts = linear if isinstance(linear, list) else [linear]
+        mats = mats or [None] * len(parts)
+        self.mat = _concat(
+            [
+                mt if mt is not None else pack(p.weight, mode)
+                for p, mt in zip(parts, mats, strict=True)
+            ]
+        )
+        self.mode, self.keep_dense = mode, keep_dense
+        self.in_features, self.out_features = (
+            parts[0].in_features,
+            sum(p.out_features for p in parts),
+        )
         biases = [p.bias for p in parts]
-        has_bias = any(b is not None for b in biases)
-        self.bias = (
-            torch.cat(
+        self.bias = None
+        if any(b is not None for b in biases):
+            self.bias = torch.cat(
                 [
                     torch.zeros(p.out_features) if b is None else b.detach().float()
                     for p, b in zip(parts, biases, strict=True)
                 ]
             )
-            if has_bias
-            else None
-        )
+        self._dense: Tensor | None = None
         self._last: tuple[Tensor, Tensor] | None = None  # (input, output) for FusedPart
         # what Transformer.num_params counts for this layer (its weights are numpy blocks)
-        self.n_weights = N * K + (0 if self.bias is None else N)
+        self.n_weights = self.out_features * self.in_features + (
+            0 if self.bias is None else self.out_features
+        )
 
     def shared(self, x: Tensor) -> Tensor:
         """forward(x), computed once for the parts of a fused matrix that all get this same x."""
@@ -116,44 +188,23 @@ class QuantLinear(nn.Module):
         return self._last[1]
 
     def dequantize(self) -> Tensor:
-        """The weight the blocks stand for: (N, K) float32."""
-        if self.mode == "q8":
-            q, s = self.packed
-            w = (
-                torch.from_numpy(q).float().view(self.out_features, -1, BLOCK)
-                * torch.from_numpy(s)[..., None]
-            )
-        else:
-            p, d, m = (torch.from_numpy(a) for a in self.packed)
-            p = p.view(self.out_features, -1, 16)
-            q = torch.cat([p & 15, p >> 4], dim=-1).float()  # (N, K/32, 32)
-            w = q * d[..., None] + m[..., None]
-        return w.reshape(self.out_features, self.in_features)
+        """The weight the blocks stand for: (N, K) float32 (kept if keep_dense)."""
+        if self._dense is not None:
+            return self._dense
+        w = dequantize(self.mat)
+        if self.keep_dense:
+            self._dense = w
+        return w
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
         rows = rows if rows.dtype == torch.float32 else rows.float()
-        tiles_fit = rows.shape[0] == 1 or self.out_features % 4 == 0
-        if (
-            rows.shape[0] > _MATVEC_ROWS
-            or not tiles_fit
-            or x.requires_grad
-            or x.device.type != "cpu"
-        ):
+        if rows.shape[0] > _MATVEC_ROWS or x.requires_grad or x.device.type != "cpu":
             y = F.linear(rows, self.dequantize().to(x.device), self.bias)
             return y.reshape(*shape[:-1], self.out_features)
-        rows = rows.contiguous()
         out = np.empty((rows.shape[0], self.out_features), dtype=np.float32)
-        k = _kernels()
-        if self.mode == "q8":
-            kernel = k.q8_row if rows.shape[0] == 1 else k.q8_tiles
-            kernel(*self.packed, rows.numpy(), out)
-        else:
-            blocks = rows.view(rows.shape[0], -1, BLOCK)  # (M, K/32, 32)
-            xlo = blocks[..., :16].reshape(rows.shape[0], -1).contiguous().numpy()
-            xhi = blocks[..., 16:].reshape(rows.shape[0], -1).contiguous().numpy()
-            k.q4_rows(*self.packed, xlo, xhi, blocks.sum(-1).numpy(), out)
+        _kernels().matmul(self.mat, rows.contiguous().numpy(), out, False)
         y = torch.from_numpy(out)
         if self.bias is not None:
             y += self.bias
@@ -186,49 +237,87 @@ class FusedPart(nn.Module):
 FUSE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _fuse_groups(model: nn.Module, mode: Quant) -> None:
-    """Replace each group of FUSE projections of one module by FusedParts of one QuantLinear."""
-    for module in list(model.modules()):
-        for names in FUSE:
-            parts = [getattr(module, n, None) for n in names]
-            if not all(isinstance(p, nn.Linear) for p in parts):
-                continue
-            fused, start = QuantLinear(parts, mode), 0
-            for name, part in zip(names, parts, strict=True):
-                setattr(module, name, FusedPart(fused, start, start + part.out_features))
-                start += part.out_features
+# --- choosing each matrix's format ----------------------------------------------------------------
 
 
-def auto_mode(model: nn.Module) -> str:
-    """The default decoding mode: q8 (fastest that passes the quality guard in tests/test_quant.py
-    and bench/RESULTS.md) for a model on the CPU whose widths are whole blocks, else fp32."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    fits = all(m.in_features % BLOCK == 0 and m.out_features % 4 == 0 for m in linears)
-    return "q8" if on_cpu and fits and linears else "fp32"
+def _choice(name: str, linear: nn.Linear, mode: str, blocks: dict) -> tuple[str, tuple | None]:
+    """(format, the file's kernel form or None) for one matrix under `mode`."""
+    if mode == "q4" and name == "lm_head":
+        # The output head stays 8-bit in q4 mode, as llama.cpp's Q4 files keep it at 6-8 bits:
+        # its errors go straight into the logits, and 4 bits there flipped greedy tokens.
+        return "q8", None
+    if mode != "auto":
+        return mode, None
+    found = blocks.get(f"{name}.weight")
+    if found is not None and found.qtype not in _FLOAT_TYPES:
+        kind = _FILE_KINDS.get(found.qtype)
+        if kind is None:  # a format without a kernel (K-quants, ...): its exact float values
+            return "f32", None
+        mat = from_file(kind, found.arrays())
+        if torch.equal(dequantize(mat), linear.weight.detach().float()):
+            return kind, mat
+        log.info(
+            "%s differs from the file's %s blocks (changed after loading): q8", name, found.qtype
+        )
+    return ("q8", None) if linear.in_features % BLOCK == 0 else ("f32", None)
+
+
+def _dense_fits(model: nn.Module) -> bool:
+    """Whether float32 copies of every matrix (for prefill) fit in an eighth of the RAM."""
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return False
+    return 4 * n <= ram // 8
 
 
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     """Replace every nn.Linear (the output head included) by a QuantLinear, in place.
 
     The token embedding stays float32: it is a lookup of one row per token, not a matmul. A tied
-    output head gets its own quantized copy for the same reason; it is 8-bit in both modes.
+    output head gets its own copy in kernel form. q/k/v and gate/up become one fused matrix
+    each (FusedParts), in a common format (f32 if the file stores them differently). The GGUF
+    blocks that load_gguf attached (model.file_blocks) are used by "auto" and then let go.
     """
     if mode not in MODES:
         raise ConfigError(f"unknown quantization {mode!r}; choose from {list(MODES)}")
-    if mode == "auto":
-        mode = auto_mode(model)
-    if mode == "fp32":
+    blocks = model.__dict__.pop("file_blocks", None) or {}
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if mode == "fp32" or (mode == "auto" and not on_cpu):
         return model
-    _fuse_groups(model, mode)
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for name, linear in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        # The output head stays 8-bit in q4 mode, as llama.cpp's Q4 files keep it at 6-8 bits:
-        # its errors go straight into the logits, and 4 bits there flipped greedy tokens.
-        head_mode = "q8" if name == "lm_head" else mode
-        setattr(parent, attr, QuantLinear(linear, head_mode))
-    n = sum(isinstance(m, QuantLinear) for m in model.modules())
-    log.info("decoding with %s weights (%d matrices; q/k/v and gate/up fused)", mode, n)
+    keep_dense = _dense_fits(model)
+    chosen = Counter()
+    for parent_name, parent in list(model.named_modules()):
+        groups = [
+            g for g in FUSE if all(isinstance(getattr(parent, n, None), nn.Linear) for n in g)
+        ]
+        singles = [
+            (n,)
+            for n, c in parent.named_children()
+            if isinstance(c, nn.Linear) and not any(n in g for g in groups)
+        ]
+        for names in groups + singles:
+            parts = [getattr(parent, n) for n in names]
+            full = [f"{parent_name}.{n}" if parent_name else n for n in names]
+            picks = [_choice(f, p, mode, blocks) for f, p in zip(full, parts, strict=True)]
+            kinds = {k for k, _ in picks}
+            # one fused matrix has one format: parts stored differently run exactly, as f32
+            kind, mats = (
+                (kinds.pop(), [mt for _, mt in picks]) if len(kinds) == 1 else ("f32", None)
+            )
+            fused = QuantLinear(parts, kind, mats, keep_dense)
+            chosen[kind] += len(parts)
+            if len(parts) == 1:
+                setattr(parent, names[0], fused)
+                continue
+            start = 0
+            for n, p in zip(names, parts, strict=True):
+                setattr(parent, n, FusedPart(fused, start, start + p.out_features))
+                start += p.out_features
+    log.info(
+        "decoding (%s) with %s matrices",
+        mode,
+        ", ".join(f"{n} {k}" for k, n in sorted(chosen.items())),
+    )
     return model

@@ -1,4 +1,4 @@
-"""Heads over the trunk's hidden states: a classifier reading each row's last real token.
+"""Heads over the trunk's hidden states: a classifier and a scalar head (reward, value).
 
 A decoder sees the whole text only at its last token (causal attention), so that token's final
 hidden state is the sequence's summary (LLMs-from-scratch ch06; HF's *ForSequenceClassification).
@@ -7,6 +7,11 @@ attention, so right and left padding give the same answer.
 
     >>> clf = Classifier(Transformer(cfg), n_labels=2)
     >>> clf(ids, segments=(ids != pad).long()).shape     # (B, n_labels)
+    >>> rm = ScalarHead(Transformer(cfg))                # one number per position
+    >>> rm(ids).shape, rm.reward(ids, segments=seg).shape  # (B, T), (B,)
+
+A reward model reads its scalar at the last real token of prompt + reply (the whole text seen);
+a PPO value head reads it at every position.
 """
 
 from __future__ import annotations
@@ -45,6 +50,32 @@ class Classifier(nn.Module):
         hidden = self.trunk.forward_hidden(ids, segments=segments)  # (B, T, C)
         rows = hidden[range(ids.shape[0]), last_real_index(segments)]  # (B, C)
         return self.head(rows).float()
+
+    def flops_per_token(self, context_len: int | None = None) -> float:
+        """The trunk's training FLOPs per token (the head is negligible)."""
+        return self.trunk.flops_per_token(context_len)
+
+
+class ScalarHead(nn.Module):
+    """trunk (a Transformer) -> Linear(n_embd, 1) at every position: one float per token."""
+
+    def __init__(self, trunk: Transformer) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.cfg = trunk.cfg
+        self.head = nn.Linear(trunk.cfg.n_embd, 1, bias=True)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids: Tensor, *, segments: Tensor | None = None) -> Tensor:
+        """ids (B, T) int64, segments (B, T) int64 or None (all real) -> (B, T) float32."""
+        hidden = self.trunk.forward_hidden(ids, segments=segments)  # (B, T, C)
+        return self.head(hidden).squeeze(-1).float()
+
+    def reward(self, ids: Tensor, *, segments: Tensor) -> Tensor:
+        """The value at each row's last real token: (B, T) ids and segments -> (B,) float32."""
+        values = self(ids, segments=segments)  # (B, T)
+        return values[range(ids.shape[0]), last_real_index(segments)]
 
     def flops_per_token(self, context_len: int | None = None) -> float:
         """The trunk's training FLOPs per token (the head is negligible)."""

@@ -75,14 +75,20 @@ class KVCache:
         of row b may see cache position s, i.e. s <= lengths[b] + t. S = max(lengths) + T, so
         attention cost follows the longest row, not max_len. One host sync, for S.
         """
+        S = self.check(T)
+        pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
+        keys = torch.arange(S, device=pos.device)
+        return pos, (keys <= pos[:, :, None]).unsqueeze(1)
+
+    def check(self, T: int) -> int:
+        """S = max(lengths) + T, the keys the longest row sees with T new tokens; a one-line
+        PellucidError if that does not fit the cache. One host sync."""
         S = int(self.lengths.max()) + T
         if self.max_len < S:
             raise PellucidError(
                 f"context length exceeded: {S} tokens do not fit the KV cache of {self.max_len}"
             )
-        pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
-        keys = torch.arange(S, device=pos.device)
-        return pos, (keys <= pos[:, :, None]).unsqueeze(1)
+        return S
 
     def update(
         self, layer: int, k: Tensor, v: Tensor, pos: Tensor, S: int

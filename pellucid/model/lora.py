@@ -104,6 +104,12 @@ def apply_lora(
                 f"LoRA target '{name}' is a {kind}, not a float nn.Linear"
                 + (why if "Quant" in kind or "Fused" in kind else "")
             )
+        if rank > min(module.in_features, module.out_features):  # before A and B are allocated
+            raise ConfigError(
+                f"LoRA rank {rank} is above the rank of '{name}' "
+                f"({module.in_features}x{module.out_features}): lora.rank must be at most "
+                f"{min(module.in_features, module.out_features)}"
+            )
     if not chosen:
         raise ConfigError(f"LoRA targets {list(targets)} match no module of the model")
     for name, module in chosen:

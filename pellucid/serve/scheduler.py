@@ -306,12 +306,15 @@ class Scheduler:
             for handle in ticket.handles:
                 self.engine.cancel(handle)
             ticket.handles.clear()
-            if not busy:  # it does not fit even alone
+            if not busy:  # it does not fit even alone: a retry cannot help, so 400, not 503
                 ticket.state = "running"  # (so _drop's accounting matches)
                 self.metrics.requests_active += 1
-                self._drop(
-                    ticket, APIError(503, f"not enough KV-cache memory: {e}", type="server_error")
+                why = str(e).split(";")[0]  # (not the pool-full message's "retry" advice)
+                message = (
+                    "the request does not fit this server's KV-cache memory even alone "
+                    f"(--kv-budget-mb); lower max_tokens or n: {why}"
                 )
+                self._drop(ticket, APIError(400, message, param="max_tokens", code="kv_budget"))
             return
         except PellucidError as e:  # the engine's own checks (the schema checks should catch all)
             ticket.state = "running"
@@ -328,9 +331,8 @@ class Scheduler:
         try:
             steps = self.engine.step()
         except Exception as e:  # the engine cancelled every live sequence; tell their clients
-            log.exception(
-                "engine step failed; failing %d requests", len(set(self._running.values()))
-            )
+            failed = sorted({t.id for t in self._running.values()})
+            log.exception("engine step failed; failing requests %s", failed)  # B9: by id, once
             message = " ".join(str(e).split()) if isinstance(e, PellucidError) else "internal error"
             for ticket in set(self._running.values()):
                 ticket.handles.clear()  # already cancelled by the engine

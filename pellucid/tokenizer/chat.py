@@ -303,12 +303,20 @@ def from_hf_dir(folder: str | Path) -> ChatTemplate | None:
     config_path = folder / "tokenizer_config.json"
     config = read_json(config_path, TokenizerError, shape={}) if config_path.exists() else {}
     source = config.get("chat_template")
-    if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use"}]
-        named = {t.get("name"): t.get("template") for t in source if isinstance(t, Mapping)}
-        source = named.get("default")
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
-        source = jinja_file.read_text("utf-8")
+        try:
+            source = jinja_file.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{jinja_file}: cannot read it as UTF-8 text ({e})") from None
+    elif isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use"}]
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, Mapping)}
+        if named.get("default") is None:  # not silently ChatML: the file means some other template
+            raise TokenizerError(
+                f"{config_path}: chat_template lists no 'default' template (names: "
+                f"{', '.join(map(str, named)) or 'none'})"
+            )
+        source = named["default"]
     if source is None:
         return None
     if not isinstance(source, str):  # not silently ChatML: the file means something else

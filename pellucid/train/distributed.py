@@ -44,7 +44,7 @@ from pellucid.weights.checkpoint import (
     frozen_names,
     model_tensors,
     optimizer_tensors,
-    read_json,
+    read_state,
     restore_optimizer,
     save_checkpoint,
     staging_path,
@@ -327,7 +327,6 @@ def save_checkpoint_ranks(
         barrier()  # nobody runs ahead of a checkpoint that may yet fail
         return checkpoint_path(run_dir, step)
     pieces, boxes, meta, aliases, rest = _local_pieces(model, optimizer, world.rank)
-    _ = [t.full_tensor() for t in model.state_dict().values()]  # MUTANT
     if world.is_main:
         begin_checkpoint(run_dir, step, "ranks")
     barrier()  # the empty folder exists before anyone writes into it
@@ -416,13 +415,14 @@ def all_gather_json(value: Any, device: torch.device) -> list[Any]:
 
 
 def load_checkpoint_ranks(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, shape: dict[str, Any]
 ) -> dict[str, Any]:
     """Load checkpoint `path`, of either layout and any world size, into this rank's model and
-    optimizer; returns its state.json. Each rank reads only the values it holds: the box of its
-    shard under FSDP2 (slices of the files that overlap it), whole tensors under DDP."""
+    optimizer; returns its state.json, checked against `shape`. Each rank reads only the values
+    it holds: its shard's box under FSDP2 (the overlapping slices of the files), whole tensors
+    under DDP."""
     model = unwrap(model)
-    saved = read_json(Path(path) / "state.json")
+    saved = read_state(path, shape)
     reader = sharded.ShardReader(path)
     skip = frozen_names(model)
     weights = {

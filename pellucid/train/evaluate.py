@@ -2,7 +2,7 @@
 
     lm_metrics        assistant-token loss of conversations: perplexity and bits per byte
     class_metrics     a classifier's accuracy, macro-F1 and confusion matrix
-    exact_match       greedy answers from the one Engine, compared after `normalize_answer`
+    exact_match       greedy answers from the one Engine, compared after `normalize_answer` (data/tasks.py)
 
 Bits per byte divide the summed nats of every assistant token (its end-of-turn token included)
 by ln 2 and by the UTF-8 bytes of the assistant text, so models with different tokenizers are
@@ -11,9 +11,8 @@ comparable on the same file.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
-import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from pellucid.data.finetune import Encoded, EncodedText, in_order, pad_lm, pad_text
+from pellucid.data.tasks import normalize_answer
 from pellucid.infer.conversation import stop_token_ids
 from pellucid.infer.engine import Engine
 from pellucid.infer.sampling import SamplingParams
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     from pellucid.data.jsonl import Record
     from pellucid.tokenizer.bpe import Tokenizer
     from pellucid.tokenizer.chat import ChatTemplate
-
-_FINAL_PUNCT = ".!?;:,。"
 
 
 def lm_metrics(model: nn.Module, examples: Sequence[Encoded], batch_size: int = 8) -> dict:
@@ -104,15 +102,29 @@ def class_metrics(
     }
 
 
-def normalize_answer(text: str) -> str:
-    """Case-folded, whitespace collapsed, final punctuation (and spaces) removed.
+def replies(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    params: SamplingParams,
+    batch_size: int = 16,
+) -> list[str]:
+    """The model's reply to each prompt conversation (the Engine, `batch_size` at a time).
 
-    >>> normalize_answer("  The  Answer is 42.\\n")
-    'the answer is 42'
+    Reply i is sampled with seed params.seed + i (when a seed is set), however it is batched.
     """
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = re.sub(r"\s+", " ", text).strip()
-    return text.rstrip(_FINAL_PUNCT + " ")
+    engine = Engine(model, tokenizer)
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = [template.encode(tokenizer, p) for p in prompts[i : i + batch_size]]
+        seed = None if params.seed is None else params.seed + i
+        texts = [""] * len(chunk)
+        for steps in engine.generate(chunk, dataclasses.replace(params, seed=seed)):
+            for step in steps:
+                texts[step.row] += step.text
+        out += texts
+    return out
 
 
 def greedy_answers(
@@ -124,19 +136,10 @@ def greedy_answers(
     batch_size: int = 16,
 ) -> list[str]:
     """The model's greedy reply to each prompt conversation (the Engine, batched)."""
-    engine = Engine(model, tokenizer)
     params = SamplingParams(
         temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer)
     )
-    out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = [template.encode(tokenizer, p) for p in prompts[i : i + batch_size]]
-        texts = [""] * len(chunk)
-        for steps in engine.generate(chunk, params):
-            for step in steps:
-                texts[step.row] += step.text
-        out += texts
-    return out
+    return replies(model, tokenizer, template, prompts, params, batch_size)
 
 
 def exact_match(

@@ -7,8 +7,8 @@ swap the machine to a halt). The estimate is the usual one for fp32 training wit
     activations kept for backward            4 bytes x B x T x (L x (16 C + 3 F + 2 H T) + 3 V)
 
 (per layer: the residual stream, norms, q/k/v/o and the MLP in and out, about 16 C; the MLP
-hidden states, 3 F; attention weights, H T per token twice, only where the explicit attention path
-keeps them (dropout); then logits, their float copy and their gradient, 3 V). Measured on the
+hidden states, 3 F; attention weights and their dropout mask, H T per token each, only where
+attention has dropout; then logits, their float copy and their gradient, 3 V). Measured on the
 `small` preset at 16 x 256 it is within 25% of the process's peak memory. It is meant to catch what cannot possibly fit, by a factor, not to budget to the
 last megabyte: the check only fails above what the machine has available.
 """
@@ -56,7 +56,8 @@ def estimate(cfg: ModelConfig, batch_size: int, context_len: int | None = None) 
     """The memory of fp32 AdamW training of `cfg` on micro-batches of batch_size x context_len."""
     T = cfg.context_len if context_len is None else context_len
     P = parameter_count(cfg)
-    # Attention weights are kept only on the explicit path (dropout); SDPA's fused kernels keep O(T).
+    # Attention with dropout keeps its weights and dropout mask (at most H T each per token, less
+    # where causal blocks skip the future: layers.causal_dropout_attention); SDPA keeps O(T).
     weights = 2 * cfg.n_head * T if cfg.dropout > 0 else 0
     per_token = cfg.n_layer * (16 * cfg.n_embd + 3 * cfg.ffn_dim + weights)
     per_token += 3 * cfg.vocab_size
@@ -75,9 +76,13 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits(cfg: ModelConfig, batch_size: int, available: int | None = None) -> MemoryEstimate:
-    """Raise ConfigError, saying how much would be needed, when training cannot fit in memory."""
-    need = estimate(cfg, batch_size)
+def check_fits(
+    cfg: ModelConfig, batch_size: int, available: int | None = None, context_len: int | None = None
+) -> MemoryEstimate:
+    """Raise ConfigError, saying how much would be needed, when training cannot fit in memory.
+
+    context_len: the longest row of a batch when shorter than the model's context (fine-tuning)."""
+    need = estimate(cfg, batch_size, context_len)
     have = available_bytes() if available is None else available
     if need.total_bytes > have:
         gb = 1 << 30
@@ -85,7 +90,7 @@ def check_fits(cfg: ModelConfig, batch_size: int, available: int | None = None) 
             f"this run needs about {need.total_bytes / gb:,.1f} GB to train "
             f"({need.parameters:,} parameters: {need.state_bytes / gb:,.1f} GB of weights, "
             f"gradients and AdamW moments; {need.activation_bytes / gb:,.1f} GB of activations "
-            f"at train.batch_size={batch_size}, context {cfg.context_len}), but only "
+            f"at train.batch_size={batch_size}, context {context_len or cfg.context_len}), but only "
             f"{have / gb:,.1f} GB is available: use a smaller model.* or train.batch_size"
         )
     return need

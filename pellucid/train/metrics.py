@@ -14,12 +14,13 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
+from pellucid.errors import FileWriteError
 from pellucid.files import atomic_open, atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -30,10 +31,22 @@ PLOT_FILE = "loss.png"
 def measure_peak_flops(device: str, dtype: torch.dtype) -> float:
     """Best matmul FLOP/s measured on `device` with `dtype` (cached for the process).
 
-    CPU: square fp32 matmuls of a size that fits the caches; CUDA: large bf16 matmuls. The best
-    of repeated timings over about half a second, so a briefly busy machine is mostly forgiven.
+    CPU: square 1024 matmuls, a size that fits the caches; CUDA: 4096. The best of repeated
+    timings over about half a second, so a briefly busy machine is mostly forgiven.
     """
-    dev = torch.device(device)
+    return matmul_flops(torch.device(device), dtype, 0.5)
+
+
+def matmul_flops(
+    dev: torch.device,
+    dtype: torch.dtype,
+    seconds: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Best FLOP/s of square `dtype` matmuls on `dev` over about `seconds` (at least 4 tries).
+
+    clock: what a try is timed with (bench/train.py --cpu-time passes time.thread_time).
+    """
     n = 4096 if dev.type == "cuda" else 1024
     # Its own generator: measuring must not move the global RNG that dropout draws from.
     gen = torch.Generator(dev).manual_seed(0)
@@ -41,14 +54,14 @@ def measure_peak_flops(device: str, dtype: torch.dtype) -> float:
     b = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
     reps = 20 if dev.type == "cuda" else 1
     best = math.inf
-    deadline = time.perf_counter() + 0.5
+    deadline = time.perf_counter() + seconds
     for i in range(1000):
         _sync(dev)
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(reps):
             a @ b
         _sync(dev)
-        best = min(best, (time.perf_counter() - t0) / reps)
+        best = min(best, (clock() - t0) / reps)
         if i >= 3 and time.perf_counter() > deadline:
             break
     return 2 * n**3 / best
@@ -73,9 +86,17 @@ class MetricsLog:
         self._file: IO[str] | None = None
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as e:  # disk full: one line; a torn last line is skipped by read_metrics
+            with contextlib.suppress(OSError):  # closing flushes the same bytes, failing again
+                self.close()
+            self._file = None
+            raise FileWriteError(
+                f"could not append to {self.path}: {e.strerror}; the records before are intact"
+            ) from None
 
     def truncate_after(self, step: int) -> None:
         """Drop the records of steps after `step` (a resumed run rewrites them)."""

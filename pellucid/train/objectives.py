@@ -99,3 +99,185 @@ def sft_loss(model: nn.Module, batch: Batch) -> LossOutput:
     logits = model.logits(hidden[keep])  # (N, V) for the N loss-carrying positions
     loss_sum = F.cross_entropy(logits.float(), batch.targets[keep], reduction="sum")
     return LossOutput(loss_sum, batch.n_targets)
+
+
+# --- preferences: the reward model and DPO --------------------------------------------------------
+# A preference batch (data/preferences.py `collate_pairs`) holds B pairs as 2B rows, interleaved
+# (row 2i: pair i's chosen reply, row 2i + 1: its rejected one):
+# inputs (2B, T), targets (2B, T) (IGNORE_INDEX outside each reply), segments (2B, T) (1 real,
+# 0 padding), and its n_targets is B (one target per pair). Both halves go through ONE forward.
+
+
+def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(2B, ...) interleaved rows -> the chosen (B, ...) and the rejected (B, ...) ones."""
+    return x[0::2], x[1::2]
+
+
+def pairwise_reward_loss(model: nn.Module, batch: Batch) -> LossOutput:
+    """Bradley-Terry: -log sigmoid(r_chosen - r_rejected), summed over the B pairs.
+
+    The model (a ScalarHead) gives each row's reward at its last real token. Under Bradley-Terry
+    p(chosen preferred) = sigmoid(r_c - r_r), so this is the pairs' negative log-likelihood.
+    Metrics: pairwise_accuracy (share of pairs with r_c > r_r) and margin (mean r_c - r_r).
+    """
+    rewards = model.reward(batch.inputs, segments=batch.segments)  # (2B,)
+    chosen, rejected = _halves(rewards.float())
+    diff = chosen - rejected  # (B,)
+    metrics = {"pairwise_accuracy": (diff > 0).float().mean().item(), "margin": diff.mean().item()}
+    return LossOutput(-F.logsigmoid(diff).sum(), batch.n_targets, metrics)
+
+
+def reply_logprobs(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+    """Log-probabilities (N, V) float32 at the N positions whose target is not IGNORE_INDEX
+    (row-major order), for inputs/targets (B, T).
+
+    The output head runs only there (as in sft_loss): a preference batch is mostly prompt and
+    padding. The model needs `forward_hidden` and `logits` (a Transformer, LoRA or not).
+    """
+    hidden = model.forward_hidden(inputs)  # (B, T, C)
+    return torch.log_softmax(model.logits(hidden[targets != IGNORE_INDEX]).float(), dim=-1)
+
+
+def per_row_sum(values: Tensor, targets: Tensor) -> Tensor:
+    """Per-row sums (B,) of values (N,) given at the non-IGNORE_INDEX positions of targets (B, T)."""
+    rows = (targets != IGNORE_INDEX).nonzero()[:, 0]  # (N,) the row of each counted position
+    return torch.zeros(targets.shape[0], device=values.device).index_add(0, rows, values.float())
+
+
+def completion_logprobs(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+    """Sum of log p(target) over each row's counted targets: inputs/targets (B, T) -> (B,)."""
+    logp = reply_logprobs(model, inputs, targets)  # (N, V)
+    picked = logp.gather(-1, targets[targets != IGNORE_INDEX].unsqueeze(-1)).squeeze(-1)  # (N,)
+    return per_row_sum(picked, targets)
+
+
+def dpo_loss(
+    model: nn.Module, batch: Batch, *, beta: float, reference: nn.Module | None = None
+) -> LossOutput:
+    """Direct Preference Optimization (Rafailov et al. 2023), summed over the B pairs:
+
+        -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+
+    pi_*, ref_*: SUMS of the reply's token log-probs under the policy and the reference (a mean
+    would favour long replies). The reference log-probs are `batch.ref_logps` (2B,) when
+    precomputed, else computed by `reference` (a frozen model, or the policy with its adapters
+    off), always without gradient. At policy == reference the loss is ln 2 per pair.
+    Metrics: reward_accuracy (share of pairs whose implicit reward beta * (pi - ref) is higher
+    for chosen), margin (mean reward gap), chosen_reward, rejected_reward.
+    """
+    policy = completion_logprobs(model, batch.inputs, batch.targets)  # (2B,)
+    ref = getattr(batch, "ref_logps", None)
+    if ref is None:
+        if reference is None:
+            raise ValueError("dpo_loss needs a reference model or precomputed batch.ref_logps")
+        with torch.no_grad():
+            ref = completion_logprobs(reference, batch.inputs, batch.targets)
+    rewards = beta * (policy - ref.detach())  # (2B,) implicit rewards
+    chosen, rejected = _halves(rewards)
+    diff = chosen - rejected  # (B,)
+    metrics = {
+        "reward_accuracy": (diff > 0).float().mean().item(),
+        "margin": diff.mean().item(),
+        "chosen_reward": chosen.mean().item(),
+        "rejected_reward": rejected.mean().item(),
+    }
+    return LossOutput(-F.logsigmoid(diff).sum(), batch.n_targets, metrics)
+
+
+# --- RL: PPO and GRPO over scored replies (batches from align/rollouts.py) ----------------------
+
+
+def reply_terms(
+    lm: nn.Module, inputs: Tensor, targets: Tensor, head: nn.Module | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The policy's log-prob of each reply token, its entropy there, and a value head's value.
+
+    lm: anything with forward_hidden and logits; inputs, targets: (B, T) int64, targets
+    IGNORE_INDEX off the reply. Returns three (N,) float32 tensors over the N reply positions in
+    row-major order (values None without a head). As in reply_logprobs, the output head runs on
+    those positions only; the value head reads the same hidden states (one trunk forward).
+    """
+    hidden = lm.forward_hidden(inputs)  # (B, T, C)
+    keep = targets != IGNORE_INDEX
+    h = hidden[keep]  # (N, C)
+    logp_all = torch.log_softmax(lm.logits(h).float(), dim=-1)  # (N, V)
+    logp = logp_all.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    values = head(h).squeeze(-1).float() if head is not None else None
+    return logp, entropy, values
+
+
+def _clipped_policy(
+    logp: Tensor, old: Tensor, advantages: Tensor, clip: float
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO's clipped surrogate per token, (N,), to minimise: the pessimistic (larger) of the
+    unclipped and clipped -ratio * A, so a step gains nothing from moving the ratio past 1 +- clip.
+    """
+    ratio = torch.exp(logp - old)
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    with torch.no_grad():
+        metrics = {
+            "clip_frac": ((ratio - 1).abs() > clip).float().mean().item(),
+            "approx_kl": (0.5 * (logp - old) ** 2).mean().item(),  # policy moved from rollout
+        }
+    return loss, metrics
+
+
+def ppo_loss(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    clip: float = 0.2,
+    value_clip: float = 0.2,
+    vf_coef: float = 0.1,
+) -> LossOutput:
+    """Clipped policy loss + vf_coef x clipped value loss, summed over reply tokens.
+
+    model: ScalarHead(policy): `trunk` the policy, `head` its value head (one scalar per
+    position, read where the next reply token is predicted). batch: a RolloutBatch with
+    old_logprobs, advantages, returns, old_values (B, T). The value loss is the larger of
+    (V - R)^2 and (V_clipped - R)^2 / 2, V_clipped within value_clip of the rollout's value.
+    Metrics: policy and value loss, clip fraction, entropy, value error, and the batch's stats.
+    """
+    logp, entropy, values = reply_terms(model.trunk, batch.inputs, batch.targets, model.head)
+    keep = batch.targets != IGNORE_INDEX
+    old_v, returns = batch.old_values[keep], batch.returns[keep]
+    pg, metrics = _clipped_policy(logp, batch.old_logprobs[keep], batch.advantages[keep], clip)
+    v_clipped = old_v + (values - old_v).clamp(-value_clip, value_clip)
+    vf = 0.5 * torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
+    metrics |= {
+        "policy_loss": pg.mean().item(),
+        "value_loss": vf.mean().item(),
+        "value_error": ((values - returns) ** 2).mean().item(),
+        "entropy": entropy.mean().item(),
+    }
+    return LossOutput((pg + vf_coef * vf).sum(), batch.n_targets, metrics | batch.stats)
+
+
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Schulman's "k3" estimate of KL(pi || ref) per token: exp(d) - d - 1, d = log ref - log pi.
+
+    Unbiased under samples from pi, never negative, and its gradient pulls pi towards ref.
+    """
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(
+    model: nn.Module, batch: Batch, *, clip: float = 0.2, beta: float = 0.04
+) -> LossOutput:
+    """GRPO (DeepSeekMath): the clipped policy loss with each reply's group-relative advantage
+    on all its tokens, plus beta x the k3 KL to the reference, summed over reply tokens (each
+    token weighs the same, DAPO's token-level normalisation). No value head: model is the policy.
+    batch: a RolloutBatch with old_logprobs, ref_logprobs and advantages (B, T).
+    """
+    logp, entropy, _ = reply_terms(model, batch.inputs, batch.targets)
+    keep = batch.targets != IGNORE_INDEX
+    pg, metrics = _clipped_policy(logp, batch.old_logprobs[keep], batch.advantages[keep], clip)
+    kl = kl_k3(logp, batch.ref_logprobs[keep])
+    metrics |= {
+        "policy_loss": pg.mean().item(),
+        "kl_k3": kl.mean().item(),
+        "entropy": entropy.mean().item(),
+    }
+    return LossOutput((pg + beta * kl).sum(), batch.n_targets, metrics | batch.stats)

@@ -25,7 +25,6 @@ and either resumes at any world size.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -46,7 +45,9 @@ from pellucid.train.distributed import World
 from pellucid.train.metrics import MetricsLog, ProgressBar, measure_peak_flops
 from pellucid.train.objectives import Objective
 from pellucid.train.optim import build_optimizer, lr_at, set_lr
+from pellucid.train.precision import autocast, resolve_precision
 from pellucid.weights.checkpoint import (
+    RESUME_SHAPE,
     latest_good,
     load_checkpoint,
     rng_state,
@@ -84,7 +85,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, else fp32
+    # auto: bf16 on CUDA; on a CPU bf16 where its matmuls measure >= 2x fp32 (train/precision.py)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False  # torch.compile the model (first steps are slow while it compiles)
     max_nonfinite: int = 3  # consecutive non-finite steps before the run stops
     log_every: int = 50  # steps between log lines when there is no progress bar
@@ -157,6 +159,8 @@ class TrainState:
     last_eval: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None  # the newest checkpoint this run wrote or resumed from
     resumed_from: str | None = None
+    precision: str = ""  # the dtype this session computes in, and why (train/precision.py)
+    peak_flops: float = 0.0  # the measured matmul peak of that dtype, all ranks: MFU's denominator
 
 
 def seed_everything(seed: int) -> None:
@@ -174,20 +178,6 @@ def resolve_device(name: str) -> torch.device:
     if (name == "cuda" and not cuda) or (name == "mps" and not mps):
         raise ConfigError(f"config key 'train.device' is {name!r} but no such device is available")
     return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on CUDA, float32 elsewhere (CPUs without AMX run bf16 slower)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if name == "bfloat16" else torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed precision for bf16 (matmuls in bf16, reductions in fp32); a no-op for fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def evaluate_objective(
@@ -284,7 +274,9 @@ def train(
     world = dist.init_distributed(device, cfg.dist_timeout_s)
     device = dist.local_device(device, world)
     dist.check_divides(cfg.batch_size, world)
-    amp_dtype = resolve_dtype(cfg.dtype, device)
+    with dist.rank_zero_first():  # rank 0 probes the machine, the others read its probe file
+        precision = resolve_precision(cfg.dtype, device)
+    amp_dtype = precision.dtype
     model.to(device)
     model.train()
     wrapped = dist.parallelize(model, cfg, dist.device_mesh(device, world))
@@ -295,6 +287,9 @@ def train(
     state = _start(run_dir, wrapped, optimizer, batches, metrics, cfg, resume, world)
     forward = torch.compile(wrapped) if cfg.compile else wrapped
     peak = measure_peak_flops(str(device), amp_dtype) * world.size
+    state.precision, state.peak_flops = precision.reason, peak
+    if world.is_main:
+        log.info("precision: %s; MFU against %.3g GFLOP/s", precision.reason, peak / 1e9)
     show = cfg.progress and world.is_main
     bar = ProgressBar(cfg.budget_s or cfg.max_steps, show, _bar_position(cfg, state))
 
@@ -391,9 +386,9 @@ def _start(
     if path is None:
         raise CheckpointError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
     if world.size == 1:
-        saved = load_checkpoint(path, model, optimizer)
+        saved = load_checkpoint(path, model, optimizer, RESUME_SHAPE)
     else:  # every rank reads only its part
-        saved = dist.load_checkpoint_ranks(path, model, optimizer)
+        saved = dist.load_checkpoint_ranks(path, model, optimizer, RESUME_SHAPE)
     state = TrainState(**saved["train_state"])
     set_rng_state(saved["rng"])
     if saved.get("sampler") is not None and hasattr(batches, "load_state"):

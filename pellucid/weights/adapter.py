@@ -3,7 +3,7 @@
 Every fine-tuning checkpoint (and the run directory) carries `finetune.json`:
 
     {"format": "pellucid-finetune/1", "base": "smollm2-135m-instruct", "base_sha256": "…",
-     "task": "sft" | "classify", "method": "lora" | "full",
+     "task": "sft" | "classify" | "reward" | "dpo" | ..., "method": "lora" | "full",
      "lora": {"rank", "alpha", "dropout", "targets"} | null, "labels": [...] | null,
      "train_last": -1}
 
@@ -24,8 +24,8 @@ from typing import Any
 from torch import nn
 
 from pellucid.errors import WeightsFormatError
-from pellucid.files import atomic_write, sha256_file
-from pellucid.model.heads import Classifier, train_last_blocks
+from pellucid.files import atomic_write, read_json, sha256_file
+from pellucid.model.heads import Classifier, ScalarHead, train_last_blocks
 from pellucid.model.lora import apply_lora, lora_layers
 from pellucid.model.transformer import Transformer
 from pellucid.weights.checkpoint import frozen_names
@@ -36,6 +36,12 @@ META_FILE = "finetune.json"  # in run directories and checkpoints
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
+# The fields `build` and the loaders read, with their types (pellucid.files.check_shape).
+META_SHAPE = {
+    "format": str, "base": str, "base_sha256": str, "task": str, "method": str,
+    "labels?": [str], "train_last?": int,
+    "lora?": {"targets": [str], "rank": int, "alpha": (int, float), "dropout?": (int, float)},
+}  # fmt: skip
 
 
 def spec_sha256(source: Path) -> str:
@@ -49,32 +55,28 @@ def spec_sha256(source: Path) -> str:
 
 def read_meta(path: Path) -> dict[str, Any]:
     """A finetune.json / adapter_config.json, checked for the fields `build` needs."""
-    try:
-        meta = json.loads(Path(path).read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsFormatError(f"{path}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json(path, WeightsFormatError, shape=META_SHAPE)
+    if meta["format"] != FORMAT:
         raise WeightsFormatError(f"{path}: not a {FORMAT} file")
-    for key, kind in (("base", str), ("base_sha256", str), ("task", str), ("method", str)):
-        if not isinstance(meta.get(key), kind):
-            raise WeightsFormatError(f"{path}: field '{key}' missing or not a {kind.__name__}")
-    if meta["task"] == "classify" and not isinstance(meta.get("labels"), list):
+    if meta["task"] == "classify" and meta.get("labels") is None:
         raise WeightsFormatError(f"{path}: a classify run needs its 'labels' list")
-    if meta["method"] == "lora" and not isinstance(meta.get("lora"), dict):
+    if meta["method"] == "lora" and meta.get("lora") is None:
         raise WeightsFormatError(f"{path}: a LoRA run needs its 'lora' settings")
     return meta
 
 
 def build(base: Transformer, meta: dict[str, Any]) -> nn.Module:
-    """The module tree a run trained: base, + classifier head, + LoRA, with the same parameters
-    frozen as during training (which decides what its checkpoints hold)."""
+    """The module tree a run trained: base, + classifier or reward head, + LoRA, with the same
+    parameters frozen as during training (which decides what its checkpoints hold)."""
     model: nn.Module = base
     if meta["task"] == "classify":
         model = Classifier(base, len(meta["labels"]))
         train_last_blocks(model, int(meta.get("train_last", -1)))
+    if meta["task"] in ("reward", "ppo"):  # PPO trains its value head on the policy
+        model = ScalarHead(base)
     if meta["method"] == "lora":
         lora = meta["lora"]
-        trunk = model.trunk if isinstance(model, Classifier) else model
+        trunk = model.trunk if isinstance(model, (Classifier, ScalarHead)) else model
         apply_lora(trunk, lora["targets"], lora["rank"], lora["alpha"], lora.get("dropout", 0.0))
     return model
 

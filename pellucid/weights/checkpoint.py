@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import save
 from torch import Tensor, nn
 
+from pellucid import files as _files
 from pellucid.errors import CheckpointError, CheckpointWriteError, TrainingError, WeightsFormatError
 from pellucid.files import _fsync_dir, atomic_write, sha256_file
 from pellucid.weights import sharded
@@ -56,6 +57,27 @@ _WRITE_ERRORS = {
     getattr(errno, "EDQUOT", errno.ENOSPC): "no space left on device",  # over quota
     errno.EFBIG: "file too large",
 }
+
+# What the readers below rely on, with its types (pellucid.files.check_shape), checked before use.
+MANIFEST_SHAPE = {"format": str, "step": int, "files": {"*": {"sha256": str, "bytes": int}}}
+NUMBER = (int, float)
+RNG_SHAPE = {
+    "python": list,
+    "numpy": {"bit_generator": str, "state": {"key": [int], "pos": int}},
+    "torch": [int],
+    "cuda?": [[int]],
+}
+STATE_SHAPE = {"step": int, "optimizer?": {"param_groups": [dict], "scalars": dict}}
+# state.json as train/trainer.py writes it: all that a resume reads.
+RESUME_SHAPE = {
+    **STATE_SHAPE,
+    "train_state": {
+        "step": int, "tokens": int, "flops": NUMBER, "train_time_s": NUMBER,
+        "nonfinite_streak": int, "last_eval": dict,
+    },
+    "rng": RNG_SHAPE,
+    "sampler?": dict,
+}  # fmt: skip
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -142,7 +164,13 @@ def restore_optimizer(
     optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], rest: dict
 ) -> None:
     """Inverse of `optimizer_tensors`: load the flattened state back into `optimizer`."""
-    optimizer.load_state_dict(optimizer_state_dict(optimizer, tensors, rest))
+    try:
+        optimizer.load_state_dict(optimizer_state_dict(optimizer, tensors, rest))
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # saved for another model
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"the saved optimizer state does not fit this model ({why})"
+        ) from None
 
 
 def optimizer_state_dict(
@@ -187,15 +215,21 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` captured."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = dict(state["numpy"])
-    key = np.array(np_state["state"]["key"], dtype=np.uint32)
-    np.random.set_state({**np_state, "state": {"key": key, "pos": np_state["state"]["pos"]}})
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    """Restore what `rng_state` captured (CheckpointError when the saved states do not fit)."""
+    try:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        np_state = dict(state["numpy"])
+        key = np.array(np_state["state"]["key"], dtype=np.uint32)
+        np.random.set_state({**np_state, "state": {"key": key, "pos": np_state["state"]["pos"]}})
+        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(
+                [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
+            )
+    except (ValueError, TypeError, KeyError, RuntimeError, OverflowError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"state.json: field 'rng' does not restore ({why:.120})") from None
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -330,14 +364,11 @@ def set_aside_after(run_dir: Path, step: int) -> None:
 def verify(path: Path) -> dict[str, Any]:
     """Check a checkpoint folder against its manifest; returns the manifest or raises CheckpointError."""
     path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no {MANIFEST} (incomplete write)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable {MANIFEST} ({e})") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format") != FORMAT or not isinstance(files, dict):
+    if not (path / MANIFEST).exists():
+        raise CheckpointError(f"{path}: no {MANIFEST} (incomplete write)")
+    manifest = read_json(path / MANIFEST, MANIFEST_SHAPE)
+    files = manifest["files"]
+    if manifest["format"] != FORMAT:
         raise CheckpointError(f"{path}: {MANIFEST} is not a {FORMAT} manifest")
     for name in (sharded.INDEX, "state.json") if sharded.INDEX in files else REQUIRED:
         if name not in files:
@@ -346,11 +377,11 @@ def verify(path: Path) -> dict[str, Any]:
         f = path / Path(name).name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
-        if f.stat().st_size != info.get("bytes"):
+        if f.stat().st_size != info["bytes"]:
             raise CheckpointError(
-                f"{path}: {name} has {f.stat().st_size} bytes, expected {info.get('bytes')}"
+                f"{path}: {name} has {f.stat().st_size} bytes, expected {info['bytes']}"
             )
-        if sha256_file(f) != info.get("sha256"):
+        if sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"{path}: {name} fails its sha256 check")
     return manifest
 
@@ -380,6 +411,7 @@ def read_model_weights(path: Path, *, allow_nonfinite: bool = False) -> dict[str
         else:
             tensors = load_safetensors(file, allow_nonfinite=allow_nonfinite)
             aliases = json.loads(read_safetensors_header(file)[1].get("aliases", "{}"))
+            _files.check_shape(aliases, {"*": str}, f"{file} metadata 'aliases'", CheckpointError)
     except (WeightsFormatError, ValueError) as e:
         raise CheckpointError(f"cannot load {file}: {e}") from None
     tensors.update({alias: tensors[name] for alias, name in aliases.items() if name in tensors})
@@ -409,12 +441,16 @@ def _key_diff(model: nn.Module, tensors: dict[str, Tensor]) -> tuple[list[str], 
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    shape: dict[str, Any] = STATE_SHAPE,
 ) -> dict[str, Any]:
-    """Load weights (and optimizer state) from checkpoint folder `path`; returns its state.json."""
+    """Load weights (and optimizer state) from checkpoint folder `path`; returns its state.json,
+    checked against `shape` (RESUME_SHAPE: all a training resume reads) before anything is loaded."""
     path = Path(path)
+    state = read_state(path, shape)
     load_model_weights(path, model)
-    state = read_json(path / "state.json")
     if optimizer is not None:
         restore_optimizer(optimizer, *read_optimizer(path, state))
     return state
@@ -435,9 +471,12 @@ def read_optimizer(path: Path, state: dict[str, Any]) -> tuple[dict[str, Tensor]
     return tensors, state["optimizer"]
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file from a checkpoint, as CheckpointError when missing or malformed."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+def read_state(path: Path, shape: dict[str, Any] = STATE_SHAPE) -> dict[str, Any]:
+    """A checkpoint's state.json, checked against `shape`."""
+    return read_json(Path(path) / "state.json", shape)
+
+
+def read_json(path: Path, shape: Any = None) -> Any:
+    """A JSON file of a run or checkpoint (files.read_json), as CheckpointError when missing,
+    malformed or not of `shape`."""
+    return _files.read_json(path, CheckpointError, shape=shape)

@@ -118,11 +118,12 @@ def permute_qk(w: Tensor, n_heads: int) -> Tensor:
     )
 
 
-def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
-    """The exact inverse of permute_qk: llama.cpp's row order -> rotate-half order."""
+def unpermute_qk(w: Tensor | np.ndarray, n_heads: int) -> Tensor | np.ndarray:
+    """The exact inverse of permute_qk: llama.cpp's row order -> rotate-half order (of a weight,
+    or of a quantized tensor's rows of blocks)."""
     return (
         w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
-        .transpose(1, 2)
+        .swapaxes(1, 2)
         .reshape(w.shape)
     )
 
@@ -150,6 +151,36 @@ class _Tensor:
     shape: tuple[int, ...]  # numpy order (rows ..., row length)
     start: int  # absolute byte offset in the file
     nbytes: int
+
+
+@dataclass(frozen=True)
+class FileBlocks:
+    """A matrix as the file stores it, for decoding with the file's own blocks (infer/quant.py).
+
+    raw: (rows, bytes per row) uint8, rows in our order: a view of the file's memory map (the
+    q/k rows un-permuted: a copy), so keeping it costs no memory until it is decoded.
+    """
+
+    qtype: str  # the GGUF type name: "Q4_1", "Q8_0", "Q6_K", "F16", ...
+    raw: np.ndarray
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The blocks, decoded to arrays (nothing rounded):
+        Q4_0, Q4_1 -> packed (N, K/2) uint8 (byte j of a block: element j in the low nibble,
+        element j + 16 in the high one), d and m (N, K/32) float32 with w = d q + m (Q4_0:
+        m = -8 d); Q8_0 -> q (N, K) int8, d (N, K/32) float32 with w = d q."""
+        if self.qtype not in ("Q4_0", "Q4_1", "Q8_0"):
+            raise ValueError(f"no block arrays for {self.qtype}")
+        N = self.raw.shape[0]
+        size = gguf.GGML_QUANT_SIZES[Q[self.qtype]][1]
+        b = self.raw.reshape(N, -1, size)  # (N, K/32, bytes per block): fp16 d [, fp16 m], q
+        d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K/32)
+        if self.qtype == "Q8_0":
+            return b[..., 2:].copy().view(np.int8).reshape(N, -1), d
+        if self.qtype == "Q4_0":  # w = d (q - 8) = d q + (-8 d), exact in float32
+            return b[..., 2:].copy().reshape(N, -1), d, -8 * d
+        m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        return b[..., 4:].copy().reshape(N, -1), d, m
 
 
 def _fail(path: Path, why: str) -> NoReturn:
@@ -303,18 +334,27 @@ def load_gguf(
     log.info("loading %s: %d tensors (%s)", path.name, len(table), ", ".join(types))
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     heads = _qk_heads(cfg)
-    tensors = {}
+    tensors, blocks = {}, {}
     for name, t in table.items():
         ours = theirs_to_ours[name]
         w = _dequantize(mm, t)
         tensors[ours] = (unpermute_qk(w, heads[ours]) if ours in heads else w).to(dtype)
-    del mm
+        if len(t.shape) == 2:
+            raw = mm[t.start : t.start + t.nbytes].reshape(t.shape[0], -1)
+            blocks[ours] = FileBlocks(
+                t.qtype.name, unpermute_qk(raw, heads[ours]) if ours in heads else raw
+            )
+    del mm  # the blocks' views keep the map open
     if not allow_nonfinite:
         try:
             check_finite(tensors, path.name)
         except WeightsFormatError as e:
             raise GGUFFormatError(str(e)) from None
-    return Transformer.from_weights(cfg, tensors, device)
+    model = Transformer.from_weights(cfg, tensors, device)
+    if cfg.tie_embeddings:
+        blocks["lm_head.weight"] = blocks["tok_emb.weight"]
+    model.file_blocks = blocks
+    return model
 
 
 def smollm2_gguf_path() -> Path:

@@ -25,7 +25,6 @@ unpickled or executed from a model file.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pellucid import files
 from pellucid.config import from_dict
 from pellucid.errors import CheckpointError, ConfigError, WeightsFormatError
 from pellucid.gguf_reader import read_gguf
@@ -47,6 +47,7 @@ from pellucid.weights import adapter
 from pellucid.weights.checkpoint import (
     CHECKPOINTS,
     MANIFEST,
+    checkpoint_dirs,
     latest_good,
     load_model_weights,
     read_json,
@@ -67,6 +68,8 @@ log = logging.getLogger("pellucid")
 # Built-in models: name -> a function that fetches (once) and returns the local file.
 REGISTRY: dict[str, Callable[[], Path]] = {SMOLLM2_NAME: smollm2_gguf_path}
 DEFAULT_MODEL = SMOLLM2_NAME
+# Programs, not weights: `pellucid chat --model eliza` talks to them (history/); nothing loads them.
+PROGRAMS = ("eliza",)
 _KINDS = "a model name, a .gguf file, a Hugging Face folder, a run directory or a checkpoint"
 
 
@@ -82,6 +85,7 @@ class LoadedModel:
     classifier: nn.Module | None = None  # a classify run's Classifier (its trunk is `model`)
     labels: list[str] | None = None  # a classify run's label names, in class-index order
     meta: dict | None = None  # a fine-tuning run's finetune.json
+    reward_model: nn.Module | None = None  # a reward run's ScalarHead (its trunk is `model`)
 
     def chat_template(self) -> ChatTemplate:
         """The model's own template, else ChatML (what our own chat-tuned models use)."""
@@ -129,6 +133,10 @@ def resolve_path(spec: str | Path) -> Path:
         raise WeightsFormatError(f"empty model spec: give {_KINDS}")
     if text in REGISTRY:  # built-in names are reserved, whatever lies in the working directory
         return REGISTRY[text]()
+    if text in PROGRAMS:
+        raise ConfigError(
+            f"'{text}' is a pattern-matching program with no weights: talk to it with `pellucid chat --model {text}`"
+        )
     path = Path(text)
     if path.exists():
         return path
@@ -151,15 +159,20 @@ def checkpoint_folder(spec: str | Path) -> Path:
         return path
     found = latest_good(path)
     if found is None:
-        raise CheckpointError(f"{spec} holds no complete checkpoint (checkpoints/step_*/)")
+        newest = checkpoint_dirs(path)[-1:]
+        why = ""
+        try:  # say why the newest one does not count (latest_good only logged it)
+            for folder in newest:
+                verify(folder)
+        except CheckpointError as e:
+            why = f"; the newest: {e}"
+        raise CheckpointError(f"{spec} holds no complete checkpoint (checkpoints/step_*/){why}")
     return found
 
 
 def model_config(folder: Path) -> ModelConfig:
     """The ModelConfig recorded in a checkpoint's config.json (its `model` section)."""
-    data = read_json(Path(folder) / "config.json")
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise CheckpointError(f"{folder}/config.json has no 'model' section")
+    data = read_json(Path(folder) / "config.json", {"model": dict})
     return from_dict(ModelConfig, data["model"], "model.")
 
 
@@ -181,7 +194,7 @@ def _load_finetuned(
 ) -> LoadedModel:
     """Base + what a fine-tuning run trained (see weights/adapter.py); LoRA merged into the base,
     so the result decodes (and quantizes, and exports) like any plain model."""
-    from pellucid.model.heads import Classifier
+    from pellucid.model.heads import Classifier, ScalarHead
     from pellucid.model.lora import remove_lora
 
     meta = adapter.read_meta(meta_file)
@@ -197,15 +210,17 @@ def _load_finetuned(
         adapter.load_adapter(model, weights)
     else:
         load_model_weights(weights.parent, model)
-    clf = model if isinstance(model, Classifier) else None
-    trunk = remove_lora(clf.trunk if clf is not None else model)
-    if clf is not None:
-        clf.trunk = trunk
-    for p in (clf or trunk).parameters():
+    headed = model if isinstance(model, (Classifier, ScalarHead)) else None
+    trunk = remove_lora(headed.trunk if headed is not None else model)
+    if headed is not None:
+        headed.trunk = trunk
+    for p in (headed or trunk).parameters():
         p.requires_grad_(True)  # as every loaded model: frozen-ness was the training run's
     model.eval()
+    clf = headed if isinstance(headed, Classifier) else None
+    rm = headed if isinstance(headed, ScalarHead) and meta["task"] == "reward" else None
     return LoadedModel(
-        trunk, base.tokenizer, base.template, folder, "finetune", clf, meta.get("labels"), meta
+        trunk, base.tokenizer, base.template, folder, "finetune", clf, meta.get("labels"), meta, rm
     )
 
 
@@ -230,12 +245,9 @@ def _load_hf(folder: Path, device: str | torch.device | None, nonfinite: bool) -
 
 def _is_hf_config(folder: Path) -> bool:
     """A transformers config.json names its architecture; a run's config.json has a `model` table."""
-    path = folder / "config.json"
     try:
-        if path.stat().st_size > MAX_JSON:
-            return True  # let load_hf refuse it, by name
-        c = json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        c = files.read_json(folder / "config.json", WeightsFormatError, max_bytes=MAX_JSON)
+    except WeightsFormatError:
         return True  # let load_hf report what is wrong with it
     return isinstance(c, dict) and ("architectures" in c or "model_type" in c)
 
@@ -254,6 +266,8 @@ def load(
     raises one PellucidError line naming the spec and the cause.
     """
     path = resolve_name(str(spec)) if names_only else resolve_path(spec)
+    if not (path.is_file() or path.is_dir()):  # a FIFO or a device could block or never end
+        raise WeightsFormatError(f"{path}: not a regular file or folder (give {_KINDS})")
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
             refuse_pickle(path)

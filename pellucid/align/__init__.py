@@ -1,0 +1,1 @@
+"""Alignment: oracle rankers, the reward model, DPO, and a model's lineage report."""

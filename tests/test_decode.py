@@ -1,0 +1,97 @@
+"""The decode step's fast path (infer/decode.py on kernels.py): the model's numbers, faster."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from pellucid.errors import PellucidError
+from pellucid.infer import kernels
+from pellucid.infer.decode import FastDecoder
+from pellucid.infer.engine import Engine
+from pellucid.infer.quant import dequantize, pack, quantize_model
+from pellucid.infer.sampling import SamplingParams
+from pellucid.model.config import PRESETS
+from pellucid.model.kv_cache import KVCache
+from pellucid.model.transformer import Transformer
+
+CFG = dataclasses.replace(PRESETS["tiny"], vocab_size=256, ffn_dim=96)  # 64 wide, 4 heads on 2 KV
+
+
+def _model(mode="q4", **changes):
+    torch.manual_seed(0)
+    return quantize_model(Transformer(dataclasses.replace(CFG, **changes)).eval(), mode)
+
+
+@pytest.mark.parametrize("mode", ["q4", "q8", "f32"])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])  # one row, the remainder loop, groups of 4, both
+def test_kernels_equal_the_dequantized_product(mode, rows):
+    torch.manual_seed(rows)
+    w, x = torch.randn(40, 96), torch.randn(rows, 96)
+    mat = pack(w, mode)
+    want = (x @ dequantize(mat).T).numpy()
+    out = np.ones((rows, 40), np.float32)
+    kernels.matmul(mat, x.numpy(), out, True)  # accumulates onto what is there
+    np.testing.assert_allclose(out, want + 1, atol=1e-4, rtol=1e-4)
+    kernels.matmul(mat, x.numpy(), out, False)
+    np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("mode", ["q4", "q8"])
+def test_fast_decoder_equals_the_models_forward(mode, qk_norm):
+    model = _model(mode, qk_norm=qk_norm)
+    fast = FastDecoder.build(model)
+    assert fast is not None
+    ids = torch.randint(0, CFG.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1))
+    ours, theirs = KVCache(model.cfg, 3, 32), KVCache(model.cfg, 3, 32)
+    with torch.inference_mode():
+        for cache in (ours, theirs):  # ragged rows: 6, 2 and 4 tokens cached
+            model.forward_hidden(ids[:, :6], cache=cache)
+            cache.advance(torch.tensor([6, 2, 4]))
+        for start, T in ((6, 1), (7, 1), (8, 3)):  # decode steps, then a few tokens per row
+            new = ids[:, start : start + T]
+            torch.testing.assert_close(
+                fast.forward_hidden(new, cache=ours),
+                model.forward_hidden(new, cache=theirs),
+                atol=1e-5,
+                rtol=1e-5,
+            )
+            for a, b in zip(ours.k + ours.v, theirs.k + theirs.v, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # same K/V written
+            ours.advance(T)
+            theirs.advance(T)
+
+
+def test_engine_decodes_on_the_fast_path_with_the_models_tokens():
+    model = _model("q8")
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    params = SamplingParams(temperature=0, max_new_tokens=10, top_logprobs=3)
+    runs = []
+    for fast in (True, False):
+        engine = Engine(model)
+        assert engine._fast is not None
+        if not fast:
+            engine._fast = None  # every step through the model's forward
+        steps = [s for batch in engine.generate(prompts, params) for s in batch]
+        runs.append(steps)
+    assert [s.id for s in runs[0]] == [s.id for s in runs[1]]
+    for a, b in zip(*runs, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
+def test_fast_decoder_only_takes_what_it_runs():
+    torch.manual_seed(0)
+    assert FastDecoder.build(Transformer(CFG).eval()) is None  # float weights: the model's path
+    gpt2 = {"pos": "learned", "norm": "layernorm", "mlp": "gelu"}
+    assert FastDecoder.build(_model("q8", **gpt2)) is None
+    assert FastDecoder.build(_model("q8", bias=True)) is None
+
+
+def test_fast_decoder_refuses_to_run_past_the_cache():
+    model = _model("q8")
+    cache = KVCache(model.cfg, 1, 4)
+    cache.advance(4)
+    with pytest.raises(PellucidError, match="context length exceeded"):
+        FastDecoder.build(model).forward_hidden(torch.tensor([[1]]), cache=cache)
