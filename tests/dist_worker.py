@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -21,7 +22,7 @@ import test_trainer as tt
 
 import pellucid.train.trainer as tr
 from pellucid.train import distributed
-from pellucid.train.distributed import finish_distributed
+from pellucid.train.distributed import end_process, finish_distributed
 from pellucid.weights import sharded
 
 BATCH = 8
@@ -95,4 +96,9 @@ def watch_saving() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException:  # as an uncaught exception would, then end like pellucid's CLI does
+        traceback.print_exc()
+        end_process(1)
+    end_process(0)

@@ -162,11 +162,30 @@ def test_a_bad_index_is_one_clear_checkpoint_error(tmp_path):
 # --- under torchrun (2 CPU processes, gloo) -------------------------------------------------------
 
 
+def worker_env(run_dir):
+    """The environment of a torchrun job: tests/teardown_probe first on the path, so that a rank
+    whose interpreter starts its teardown with gloo's threads still running leaves a
+    `teardown-race-RANK` file in `run_dir` (the race behind a SIGABRT after a good run)."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    path = f"{Path(__file__).parent / 'teardown_probe'}{os.pathsep}{PKG.parent}"
+    return {
+        **os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "PYTHONFAULTHANDLER": "1",
+        "PELLUCID_TEARDOWN_DIR": str(run_dir),
+    }  # fmt: skip
+
+
+def no_teardown_race(run_dir):
+    races = {p.name: p.read_text() for p in Path(run_dir).glob("teardown-race-*")}
+    assert not races, f"ranks exited through the interpreter's teardown with gloo threads: {races}"
+
+
 def torchrun(run_dir, parallel, *extra, nproc=2, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PKG.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={nproc}", str(WORKER), str(run_dir), parallel, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    env = worker_env(run_dir)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    no_teardown_race(run_dir)
+    return proc
 
 
 def one_process(run_dir, *extra):
@@ -344,7 +363,7 @@ def test_torchrun_runs_pellucid_train_with_fsdp_and_generate_loads_the_sharded_r
     ]
     corpus.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(2000)))
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PKG.parent)}
+    env = worker_env(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "pellucid", "train", "model.preset=tiny", f"data.corpus={corpus}"]
     cmd += ["data.vocab_size=300", "train.max_steps=4", "train.batch_size=4", "train.device=cpu"]
@@ -357,6 +376,7 @@ def test_torchrun_runs_pellucid_train_with_fsdp_and_generate_loads_the_sharded_r
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    no_teardown_race(tmp_path)  # pellucid's CLI ends its ranks without the exit race
     assert proc.stdout.count("validation bits per byte") == 1  # rank 0 alone reports
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 5  # 4 steps + 1 evaluation
     assert (run / "report.md").is_file()

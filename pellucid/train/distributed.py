@@ -25,10 +25,11 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -108,9 +109,31 @@ def local_device(device: torch.device, world: World) -> torch.device:
 
 
 def finish_distributed() -> None:
-    """Leave the process group (at the end of a run; safe to call in one process)."""
+    """Leave the process group at the end of a run (safe to call in one process). Every rank
+    calls it: the barrier makes sure no rank closes its connections while a peer is still
+    inside the last collective."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def end_process(code: int) -> NoReturn:
+    """End a torchrun worker with exit status `code`, skipping the interpreter's teardown.
+
+    `destroy_process_group` does not stop gloo's threads (two `pt_gloo_runloop`, one
+    `gloo_tcp_loop`) while torch objects such as a device mesh or an FSDP2 state still hold
+    the group, and ours do until the process ends. A normal exit then finalizes Python and runs
+    C++ static destructors with those threads still running, a race that a loaded machine
+    loses now and then: the rank dies of SIGABRT, "terminate called without an active
+    exception", after a run that succeeded. Everything a run keeps is on disk already (written
+    atomically and fsynced), so after flushing the logs and streams, `os._exit` ends the
+    process with its threads, no destructor involved.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def barrier() -> None:
