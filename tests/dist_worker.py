@@ -2,6 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py \
         RUN_DIR PARALLEL [--resume] [--max-steps N] [--kill-rank R --kill-at-step S] [--watch-save]
+        [--full-disk-rank R [--full-disk-at shard|commit]]
 
 The same data and config whatever the world size: the global batch is `BATCH` rows.
 --watch-save writes RUN_DIR/save-watch-RANK.json: how many DTensors were gathered (full_tensor,
@@ -9,6 +10,7 @@ redistribute) while saving checkpoints, and the most values any one written piec
 """
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -23,7 +25,7 @@ import test_trainer as tt
 import pellucid.train.trainer as tr
 from pellucid.train import distributed
 from pellucid.train.distributed import end_process, finish_distributed
-from pellucid.weights import sharded
+from pellucid.weights import checkpoint, sharded
 
 BATCH = 8
 
@@ -39,7 +41,18 @@ def main() -> None:
     p.add_argument("--kill-at-step", type=int, default=-1)
     p.add_argument("--exit-quietly", action="store_true", help="exit(0) instead of SIGKILL")
     p.add_argument("--watch-save", action="store_true")
+    p.add_argument("--full-disk-rank", type=int, default=-1, help="this rank's writes fail")
+    p.add_argument("--full-disk-at", choices=["shard", "commit"], default="shard")
     a = p.parse_args()
+    if int(os.environ.get("RANK", 0)) == a.full_disk_rank:
+
+        def full_disk(*args, **kw):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        if a.full_disk_at == "shard":
+            sharded.write_shard = full_disk
+        else:  # rank 0 writing the index, state.json and the manifest
+            checkpoint.atomic_write = full_disk
     seen = watch_saving() if a.watch_save else None
     if int(os.environ.get("RANK", 0)) == a.kill_rank:
         real = tr._one_step

@@ -159,6 +159,26 @@ def test_a_bad_index_is_one_clear_checkpoint_error(tmp_path):
         sharded.ShardReader(tmp_path).read("model.w")
 
 
+def test_sharded_pieces_count_only_once_rank_0_commits_the_manifest_last(tmp_path):
+    from pellucid.weights.checkpoint import begin_checkpoint, commit_checkpoint, verify
+
+    tmp = begin_checkpoint(tmp_path, 3, "ranks")
+    files = {
+        sharded.shard_file(r, 2): sharded.write_shard(tmp, r, 2, {"model.w": torch.ones(2, 3) * r})
+        for r in range(2)
+    }
+    assert latest_good(tmp_path) is None  # the shards alone, in the staging folder: no checkpoint
+    meta = {"model.w": ([4, 3], "F32")}
+    boxes = [{"model.w": [[2 * r, 0], [2, 3]]} for r in range(2)]
+    payload = {sharded.INDEX: sharded.index_json(2, meta, boxes, {}), "state.json": "{}"}
+    final = commit_checkpoint(tmp, 3, payload, files)
+    assert not tmp.exists() and latest_good(tmp_path) == final
+    assert set(verify(final)["files"]) == {*files, sharded.INDEX, "state.json"}
+    assert torch.equal(sharded.ShardReader(final).read("model.w")[2:], torch.ones(2, 3))
+    (final / sharded.shard_file(1, 2)).write_bytes(b"x")  # a shard the manifest does not match
+    assert latest_good(tmp_path) is None
+
+
 # --- under torchrun (2 CPU processes, gloo) -------------------------------------------------------
 
 
@@ -251,6 +271,23 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(runs, tmp_path, how):
 
 
 @pytest.mark.slow
+def test_moving_a_sharded_checkpoint_to_one_process_is_bit_exact(runs, tmp_path):
+    """2 -> 1 changes no bit: one process loads the shards of step 4 (weights and AdamW state)
+    and writes them again as one file each; every tensor is equal, not merely close."""
+    from pellucid.train.optim import build_optimizer
+    from pellucid.weights.checkpoint import load_checkpoint, save_checkpoint
+
+    model = tt.tiny_model(dropout=0.0)
+    optimizer = build_optimizer(model, tt.cfg())
+    saved = load_checkpoint(runs / "fsdp" / "checkpoints" / "step_000004", model, optimizer)
+    save_checkpoint(tmp_path, 4, model, optimizer, {"train_state": saved["train_state"]})
+    for name in ("model", "optim"):
+        one, shards = weights(tmp_path, 4, name), weights(runs / "fsdp", 4, name)
+        assert sorted(one) == sorted(shards) and len(one) > 5
+        assert all(torch.equal(one[k], shards[k]) for k in one), name
+
+
+@pytest.mark.slow
 def test_a_one_process_checkpoint_resumes_in_two_fsdp_ranks(runs, tmp_path):
     run = tmp_path / "resumed"
     shutil.copytree(runs / "one", run)
@@ -330,6 +367,26 @@ def test_a_killed_rank_stops_the_job_and_the_resume_completes(runs, tmp_path, ho
     assert tt.losses(run) == tt.losses(runs / how)
     assert max_diff(weights(run), weights(runs / how)) == 0.0
     assert max_diff(weights(run, name="optim"), weights(runs / how, name="optim")) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("rank", "where", "says"), [
+    (1, "shard", "step_000004 on rank 1: [Errno 28] No space left"),  # its own shard
+    (0, "commit", "step_000004: no space left on device"),  # the index, state.json or manifest
+])  # fmt: skip
+def test_a_rank_that_cannot_write_stops_every_rank_at_that_save(tmp_path, rank, where, says):
+    run = tmp_path / "full"
+    t0 = time.monotonic()
+    proc = torchrun(run, "fsdp", "--full-disk-rank", str(rank), "--full-disk-at", where,
+                    "--max-steps", "4")  # fmt: skip
+    assert proc.returncode != 0
+    # every rank raises the same one-line error at once: none waits out a collective timeout
+    lines = [x for x in proc.stderr.splitlines() if "CheckpointWriteError: cannot write" in x]
+    assert len(lines) == 2, proc.stderr[-3000:]
+    assert all(says in x for x in lines), lines
+    assert time.monotonic() - t0 < 60
+    assert latest_good(run) is None  # nothing half-written counts as a checkpoint
+    assert not list((run / "checkpoints").glob("step_*"))
 
 
 def test_fsdp_config_key_survives_a_round_trip_through_config_json():

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -344,29 +344,25 @@ def save_checkpoint_ranks(
     place. A rank that fails makes every rank raise the same CheckpointWriteError.
     """
     model = unwrap(model)
+    device = next(model.parameters()).device
     if not any(isinstance(p, DTensor) for p in model.parameters()):
+        outcome: dict[str, Any] = {"error": None}
         if world.is_main:
-            save_checkpoint(run_dir, step, model, optimizer, state, files, keep)
-        barrier()  # nobody runs ahead of a checkpoint that may yet fail
+            args = (run_dir, step, model, optimizer, state, files, keep)
+            outcome["error"] = _error_of(lambda: save_checkpoint(*args))
+        _raise_first(all_gather_json(outcome, device))  # nobody runs ahead of a failed save
         return checkpoint_path(run_dir, step)
     pieces, boxes, meta, aliases, rest = _local_pieces(model, optimizer, world.rank)
-    if world.is_main:
-        begin_checkpoint(run_dir, step, "ranks")
+    mine: dict[str, Any] = {"boxes": boxes, "error": None}
+    if world.is_main:  # a failure here must reach the others too, not leave them at the barrier
+        mine["error"] = _error_of(lambda: begin_checkpoint(run_dir, step, "ranks"))
     barrier()  # the empty folder exists before anyone writes into it
     tmp = staging_path(run_dir, step, "ranks")
-    mine: dict[str, Any] = {"boxes": boxes, "error": None}
-    try:
-        check_finite(pieces, f"rank {world.rank}")
-        mine["file"] = sharded.write_shard(tmp, world.rank, world.size, pieces)
-    except (WeightsFormatError, OSError) as e:
-        mine["error"] = f"rank {world.rank}: {e}"
-    records = all_gather_json(mine, next(model.parameters()).device)
-    errors = [r["error"] for r in records if r["error"]]
-    if errors:
-        raise CheckpointWriteError(
-            f"cannot write checkpoint step_{step:06d}: {errors[0]}; the previous one is intact"
-        )
-    path = checkpoint_path(run_dir, step)
+    if mine["error"] is None:
+        mine["error"] = _error_of(lambda: _write_pieces(tmp, step, world, pieces, mine))
+    records = all_gather_json(mine, device)
+    _raise_first(records)
+    outcome = {"error": None}
     if world.is_main:
         index = sharded.index_json(world.size, meta, [r["boxes"] for r in records], aliases)
         payload = {
@@ -375,9 +371,39 @@ def save_checkpoint_ranks(
             **(files or {}),
         }
         written = {sharded.shard_file(r, world.size): rec["file"] for r, rec in enumerate(records)}
-        commit_checkpoint(tmp, step, payload, written, keep)
-    barrier()
-    return path
+        outcome["error"] = _error_of(lambda: commit_checkpoint(tmp, step, payload, written, keep))
+    _raise_first(all_gather_json(outcome, device))  # rank 0's commit, told to every rank
+    return checkpoint_path(run_dir, step)
+
+
+def _write_pieces(
+    tmp: Path, step: int, world: World, pieces: dict[str, Tensor], mine: dict[str, Any]
+) -> None:
+    """Write this rank's shard file into `tmp`; its checksum goes to `mine["file"]`."""
+    try:
+        check_finite(pieces, f"rank {world.rank}")
+        mine["file"] = sharded.write_shard(tmp, world.rank, world.size, pieces)
+    except (WeightsFormatError, OSError) as e:
+        raise CheckpointWriteError(
+            f"cannot write checkpoint step_{step:06d} on rank {world.rank}: {e}; the previous "
+            "one is intact"
+        ) from None
+
+
+def _error_of(write: Callable[[], Any]) -> str | None:
+    """Run `write`; its CheckpointWriteError's message, or None when it succeeded."""
+    try:
+        write()
+    except CheckpointWriteError as e:
+        return str(e)
+    return None
+
+
+def _raise_first(records: list[dict[str, Any]]) -> None:
+    """Every rank raises the first rank's error, so that all stop at the same save."""
+    errors = [r["error"] for r in records if r["error"]]
+    if errors:
+        raise CheckpointWriteError(errors[0])
 
 
 def _local_pieces(
