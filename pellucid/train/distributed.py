@@ -11,27 +11,46 @@ the same config; `train.batch_size` rows of each micro-batch are the GLOBAL batc
 `world.size` contiguous slices, rank r taking slice r, so the data, the learning-rate schedule and
 (up to the reduction order of the sums) the weights are those of one process.
 
-Checkpoints stay the single-process format (safetensors + JSON, see weights/checkpoint.py):
-`gather_state` collects the full weights and optimizer state on rank 0, which alone writes them,
-and `apply_state` spreads a full state back over any world size. No `torch.distributed.checkpoint`
-files, whose `.metadata` is a pickle (docs/scaling.md says why and what it costs).
+Checkpoints (`save_checkpoint_ranks`, `load_checkpoint_ranks`): under DDP rank 0 writes the
+one-process layout; under FSDP2 every rank writes its own shards as safetensors beside a JSON
+index (weights/sharded.py), so no rank ever holds the full state. Either loads into any world
+size, one plain process included. Not `torch.distributed.checkpoint`, whose `.metadata` is a
+pickle (docs/scaling.md says why).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
-from pellucid.errors import ConfigError
+from pellucid.errors import CheckpointError, CheckpointWriteError, ConfigError, WeightsFormatError
+from pellucid.weights import sharded
+from pellucid.weights.checkpoint import (
+    begin_checkpoint,
+    checkpoint_path,
+    commit_checkpoint,
+    frozen_names,
+    model_tensors,
+    optimizer_tensors,
+    read_state,
+    restore_optimizer,
+    save_checkpoint,
+    staging_path,
+)
+from pellucid.weights.safety import check_finite
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -90,9 +109,31 @@ def local_device(device: torch.device, world: World) -> torch.device:
 
 
 def finish_distributed() -> None:
-    """Leave the process group (at the end of a run; safe to call in one process)."""
+    """Leave the process group at the end of a run (safe to call in one process). Every rank
+    calls it: the barrier makes sure no rank closes its connections while a peer is still
+    inside the last collective."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def end_process(code: int) -> NoReturn:
+    """End a torchrun worker with exit status `code`, skipping the interpreter's teardown.
+
+    `destroy_process_group` does not stop gloo's threads (two `pt_gloo_runloop`, one
+    `gloo_tcp_loop`) while torch objects such as a device mesh or an FSDP2 state still hold
+    the group, and ours do until the process ends. A normal exit then finalizes Python and runs
+    C++ static destructors with those threads still running, a race that a loaded machine
+    loses now and then: the rank dies of SIGABRT, "terminate called without an active
+    exception", after a run that succeeded. Everything a run keeps is on disk already (written
+    atomically and fsynced), so after flushing the logs and streams, `os._exit` ends the
+    process with its threads, no destructor involved.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def barrier() -> None:
@@ -280,63 +321,190 @@ def check_divides(batch_size: int, world: World) -> None:
         )
 
 
-# --- checkpoints: the full state on rank 0, and back ----------------------------------------------
+# --- checkpoints: DDP's rank 0 writes the one-process layout, FSDP2's ranks their own pieces -------
 
 
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """The optimizer's parameters in state-dict index order, as their names in the model."""
-    names = {id(p): n for n, p in unwrap(model).named_parameters()}
-    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-
-def gather_state(
-    wrapped: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Full CPU state dicts of model and optimizer on rank 0 (empty elsewhere); a collective.
-
-    The optimizer's comes back keyed by index, as `optimizer.state_dict()` is in one process,
-    so a checkpoint does not depend on the world size that wrote it.
-    """
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(wrapped, options=full)
-    osd = get_optimizer_state_dict(wrapped, optimizer, options=full)
-    if not weights:  # not rank 0
-        return {}, {}
-    index = {n: i for i, n in enumerate(_param_names(wrapped, optimizer))}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
-    return weights, {
-        "state": {index[n]: s for n, s in osd["state"].items()},
-        "param_groups": groups,
-    }
-
-
-def apply_state(
-    wrapped: nn.Module,
+def save_checkpoint_ranks(
+    world: World,
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    weights: dict[str, Tensor],
-    optim_sd: dict[str, Any],
-) -> None:
-    """Load full (unsharded) state dicts into a DDP or FSDP2 model and its optimizer; each rank
-    keeps its own shard. `optim_sd` is index-keyed, as `gather_state` returns it."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    state: dict[str, Any],
+    files: dict[str, bytes | str] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` of `run_dir`; every rank calls this (a collective).
 
-    full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(wrapped, weights, options=full)
-    names = _param_names(wrapped, optimizer)
-    osd = {
-        "state": {names[i]: s for i, s in optim_sd["state"].items()},
-        "param_groups": [
-            {**g, "params": [names[i] for i in g["params"]]} for g in optim_sd["param_groups"]
-        ],
+    DDP: rank 0 holds the whole state and writes the one-process layout. FSDP2: no full tensor
+    is gathered anywhere. Each rank writes its pieces into the shared temporary folder
+    (`weights/sharded.py`), holding its shard of the state twice at most (as tensors, and
+    serialized); one all-gather of a little JSON tells rank 0 every rank's boxes and checksum;
+    rank 0 then writes the index, state.json and, LAST, the manifest, and renames the folder into
+    place. A rank that fails makes every rank raise the same CheckpointWriteError.
+    """
+    model = unwrap(model)
+    device = next(model.parameters()).device
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        outcome: dict[str, Any] = {"error": None}
+        if world.is_main:
+            args = (run_dir, step, model, optimizer, state, files, keep)
+            outcome["error"] = _error_of(lambda: save_checkpoint(*args))
+        _raise_first(all_gather_json(outcome, device))  # nobody runs ahead of a failed save
+        return checkpoint_path(run_dir, step)
+    pieces, boxes, meta, aliases, rest = _local_pieces(model, optimizer, world.rank)
+    mine: dict[str, Any] = {"boxes": boxes, "error": None}
+    if world.is_main:  # a failure here must reach the others too, not leave them at the barrier
+        mine["error"] = _error_of(lambda: begin_checkpoint(run_dir, step, "ranks"))
+    barrier()  # the empty folder exists before anyone writes into it
+    tmp = staging_path(run_dir, step, "ranks")
+    if mine["error"] is None:
+        mine["error"] = _error_of(lambda: _write_pieces(tmp, step, world, pieces, mine))
+    records = all_gather_json(mine, device)
+    _raise_first(records)
+    outcome = {"error": None}
+    if world.is_main:
+        index = sharded.index_json(world.size, meta, [r["boxes"] for r in records], aliases)
+        payload = {
+            sharded.INDEX: index,
+            "state.json": json.dumps({**state, "step": step, "optimizer": rest}),
+            **(files or {}),
+        }
+        written = {sharded.shard_file(r, world.size): rec["file"] for r, rec in enumerate(records)}
+        outcome["error"] = _error_of(lambda: commit_checkpoint(tmp, step, payload, written, keep))
+    _raise_first(all_gather_json(outcome, device))  # rank 0's commit, told to every rank
+    return checkpoint_path(run_dir, step)
+
+
+def _write_pieces(
+    tmp: Path, step: int, world: World, pieces: dict[str, Tensor], mine: dict[str, Any]
+) -> None:
+    """Write this rank's shard file into `tmp`; its checksum goes to `mine["file"]`."""
+    try:
+        check_finite(pieces, f"rank {world.rank}")
+        mine["file"] = sharded.write_shard(tmp, world.rank, world.size, pieces)
+    except (WeightsFormatError, OSError) as e:
+        raise CheckpointWriteError(
+            f"cannot write checkpoint step_{step:06d} on rank {world.rank}: {e}; the previous "
+            "one is intact"
+        ) from None
+
+
+def _error_of(write: Callable[[], Any]) -> str | None:
+    """Run `write`; its CheckpointWriteError's message, or None when it succeeded."""
+    try:
+        write()
+    except CheckpointWriteError as e:
+        return str(e)
+    return None
+
+
+def _raise_first(records: list[dict[str, Any]]) -> None:
+    """Every rank raises the first rank's error, so that all stop at the same save."""
+    errors = [r["error"] for r in records if r["error"]]
+    if errors:
+        raise CheckpointWriteError(errors[0])
+
+
+def _local_pieces(
+    model: nn.Module, optimizer: torch.optim.Optimizer, rank: int
+) -> tuple[dict[str, Tensor], dict[str, list], dict[str, tuple[list[int], str]], dict, dict]:
+    """What this rank writes of the model and optimizer state.
+
+    Returns (pieces {index name: local tensor}, their boxes {name: [offset, shape]}, every
+    tensor's (global shape, dtype), the tied aliases, the optimizer's JSON rest). Names and
+    flattening are those of the one-process files (weights/checkpoint.py), prefixed `model.` and
+    `optim.`; a DTensor contributes its local shard, never its full tensor.
+    """
+    sd, osd = model.state_dict(), optimizer.state_dict()
+    weights, aliases = model_tensors(model, {n: _local(t) for n, t in sd.items()})
+    local_state = {i: {k: _local(v) for k, v in s.items()} for i, s in osd["state"].items()}
+    optim, rest = optimizer_tensors(None, {**osd, "state": local_state})
+    whole = {f"model.{n}": sd[n] for n in weights}
+    whole |= {f"optim.{n}": osd["state"][int(n.split(".")[1])][n.split(".")[2]] for n in optim}
+    local = {f"model.{n}": t for n, t in weights.items()} | {
+        f"optim.{n}": t for n, t in optim.items()
     }
-    set_optimizer_state_dict(wrapped, optimizer, osd, options=full)
+    boxes = {n: b for n, t in whole.items() if (b := _box(t, rank)) is not None}
+    meta = {n: (list(t.shape), sharded.dtype_name(t)) for n, t in whole.items()}
+    return {n: local[n] for n in boxes}, boxes, meta, aliases, rest
+
+
+def _local(t: Any) -> Any:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _box(t: Tensor, rank: int) -> list[list[int]] | None:
+    """[offset, shape] of this rank's piece of `t` within the full tensor, or None when it writes
+    none: a plain tensor is written by rank 0 alone, a replicated DTensor by its first holder."""
+    if not isinstance(t, DTensor):
+        return [[0] * t.dim(), list(t.shape)] if rank == 0 else None
+    mesh = t.device_mesh
+    if any(p.is_replicate() and mesh.get_local_rank(d) for d, p in enumerate(t.placements)):
+        return None
+    shape, offset = _local_box(t)
+    return [list(offset), list(shape)]
+
+
+def _local_box(t: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, offset) of this rank's shard of `t`, as torch computes it for DCP."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+
+
+def all_gather_json(value: Any, device: torch.device) -> list[Any]:
+    """Every rank's JSON-able `value`, in rank order: `all_gather_object` without its pickle."""
+    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+    padded = torch.zeros(int(all_max(len(data), device)), dtype=torch.uint8, device=device)
+    padded[: len(data)] = data.to(device)
+    out = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, padded)
+    return [json.loads(t.cpu().numpy().tobytes().rstrip(b"\0")) for t in out]
+
+
+def load_checkpoint_ranks(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, shape: dict[str, Any]
+) -> dict[str, Any]:
+    """Load checkpoint `path`, of either layout and any world size, into this rank's model and
+    optimizer; returns its state.json, checked against `shape`. Each rank reads only the values
+    it holds: its shard's box under FSDP2 (the overlapping slices of the files), whole tensors
+    under DDP."""
+    model = unwrap(model)
+    saved = read_state(path, shape)
+    reader = sharded.ShardReader(path)
+    skip = frozen_names(model)
+    weights = {
+        n: _read_like(reader, "model." + reader.aliases.get(n, n), t)
+        for n, t in model.state_dict().items()
+        if n not in skip
+    }
+    model.load_state_dict(weights, strict=not skip)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    optim = {}
+    for name in reader.names("optim"):
+        i = int(name.split(".")[2])
+        if i >= len(params):
+            raise CheckpointError(f"{path}: {name} has no parameter in this optimizer")
+        same = reader.layout(name).shape == tuple(params[i].shape)  # a moment, not a step count
+        optim[name[6:]] = _read_like(reader, name, params[i]) if same else reader.read(name)
+    restore_optimizer(optimizer, optim, saved["optimizer"])
+    return saved
+
+
+def _read_like(reader: sharded.ShardReader, name: str, like: Tensor) -> Tensor:
+    """Tensor `name` of the checkpoint, placed as `like`: a DTensor of only this rank's box, or
+    the whole tensor."""
+    if reader.layout(name).shape != tuple(like.shape):
+        raise CheckpointError(
+            f"{reader.folder}: {name} is {list(reader.layout(name).shape)}, the model's "
+            f"{list(like.shape)}"
+        )
+    if not isinstance(like, DTensor):
+        return reader.read(name)
+    shape, offset = _local_box(like)
+    local = reader.read(name, offset, shape).to(like.device)
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+        stride=like.stride(),
+    )  # fmt: skip

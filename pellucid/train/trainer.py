@@ -19,7 +19,8 @@ Under torchrun (train/distributed.py) the same loop runs on every rank: the glob
 micro-batch is split across the ranks, `n_targets` of the step is summed over all of them before
 any backward, and each rank scales its loss by world_size / n_targets, so that the gradient
 average DDP and FSDP take equals the single-process gradient (the same rule, one all-reduce more).
-Rank 0 alone writes metrics and checkpoints; a checkpoint does not depend on the world size.
+Rank 0 alone writes metrics; checkpoints are rank 0's under DDP, every rank's shards under FSDP2,
+and either resumes at any world size.
 """
 
 from __future__ import annotations
@@ -47,13 +48,8 @@ from pellucid.train.optim import build_optimizer, lr_at, set_lr
 from pellucid.train.precision import autocast, resolve_precision
 from pellucid.weights.checkpoint import (
     RESUME_SHAPE,
-    checkpoint_path,
     latest_good,
     load_checkpoint,
-    optimizer_state_dict,
-    read_model_weights,
-    read_optimizer,
-    read_state,
     rng_state,
     save_checkpoint,
     set_aside_after,
@@ -313,12 +309,8 @@ def train(
         args = (run_dir, state.step, model, optimizer, extra, files, cfg.keep_checkpoints)
         if world.size == 1:
             state.checkpoint = str(save_checkpoint(*args))
-            return
-        gathered = dist.gather_state(wrapped, optimizer)  # every rank takes part
-        if world.is_main:
-            save_checkpoint(*args, gathered=gathered)
-        dist.barrier()  # nobody runs ahead of a checkpoint that may yet fail
-        state.checkpoint = str(checkpoint_path(run_dir, state.step))
+        else:  # every rank takes part; FSDP2's each write their own shards
+            state.checkpoint = str(dist.save_checkpoint_ranks(world, *args))
 
     try:
         with bar.running():
@@ -395,10 +387,8 @@ def _start(
         raise CheckpointError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
     if world.size == 1:
         saved = load_checkpoint(path, model, optimizer, RESUME_SHAPE)
-    else:  # every rank reads the full state and keeps its part
-        saved = read_state(path, RESUME_SHAPE)
-        osd = optimizer_state_dict(optimizer, *read_optimizer(path, saved))
-        dist.apply_state(model, optimizer, read_model_weights(path), osd)
+    else:  # every rank reads only its part
+        saved = dist.load_checkpoint_ranks(path, model, optimizer, RESUME_SHAPE)
     state = TrainState(**saved["train_state"])
     set_rng_state(saved["rng"])
     if saved.get("sampler") is not None and hasattr(batches, "load_state"):

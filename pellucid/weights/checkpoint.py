@@ -9,6 +9,10 @@ A checkpoint is a folder `run_dir/checkpoints/step_000123/` holding
     config.json         the resolved run config;  tokenizer.json: the tokenizer (when there is one)
     manifest.json       sha256 and size of every file above, written LAST
 
+An FSDP2 run writes `shard-{r}-of-{N}.safetensors` (every rank its own pieces of the weights and
+moments) and `shards.json` (their index) instead of model/optim.safetensors: weights/sharded.py.
+Every reader here accepts both layouts, so one process loads either.
+
 The folder is written under a temporary name and renamed into place only when complete, and each
 file inside is itself written atomically, so a kill at any moment leaves the previous checkpoint
 untouched and at most a `.tmp-*` folder that the next save removes. A checkpoint counts only if
@@ -18,6 +22,7 @@ warns about each it has to skip.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -25,6 +30,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,7 @@ from torch import Tensor, nn
 from pellucid import files as _files
 from pellucid.errors import CheckpointError, CheckpointWriteError, TrainingError, WeightsFormatError
 from pellucid.files import _fsync_dir, atomic_write, sha256_file
+from pellucid.weights import sharded
 from pellucid.weights.safety import check_finite, load_safetensors, read_safetensors_header
 
 log = logging.getLogger("pellucid")
@@ -43,7 +50,7 @@ log = logging.getLogger("pellucid")
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 FORMAT = "pellucid-checkpoint/1"
-REQUIRED = ("model.safetensors", "state.json")
+REQUIRED = ("model.safetensors", "state.json")  # a sharded checkpoint: shards.json, state.json
 _NAME = re.compile(r"^step_(\d+)$")
 _WRITE_ERRORS = {
     errno.ENOSPC: "no space left on device",
@@ -91,9 +98,9 @@ def model_tensors(
     """The model's state dict with each shared tensor kept once, plus {alias: kept name}.
 
     Tied embeddings make `lm_head.weight` and the embedding the same tensor; safetensors stores
-    every tensor once, so the second name is recorded as an alias instead. `state`: a full state
-    dict gathered from the ranks of a sharded model (train/distributed.py), whose copies no longer
-    share storage; the aliases then come from the model's tied parameters.
+    every tensor once, so the second name is recorded as an alias instead. `state`: the tensors
+    to store in place of the model's own (an FSDP2 rank's local shards, train/distributed.py),
+    whose names alone show no sharing; the aliases then come from the model's tied parameters.
     """
     frozen = frozen_names(model)
     if state is not None:
@@ -236,28 +243,23 @@ def save_checkpoint(
     state: dict[str, Any],
     files: dict[str, bytes | str] | None = None,
     keep: int = 2,
-    *,
-    gathered: tuple[dict[str, Tensor], dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint `step` of `run_dir` atomically and keep only the newest `keep` ones.
 
     `state` is any JSON-able dict (step, RNG, sampler...); `files` are extra files to include
     verbatim (config.json, tokenizer.json). Refuses (TrainingError) to write non-finite tensors.
     A failing write (disk full, file-size limit) raises CheckpointWriteError and leaves every
-    earlier checkpoint as it was. `gathered`: the full (model, optimizer) state dicts of a
-    sharded run, collected on rank 0 (train/distributed.py), written in the same format.
+    earlier checkpoint as it was.
     """
-    final = checkpoint_path(run_dir, step)
-    root = final.parent
-    weights, aliases = model_tensors(model, gathered[0] if gathered else None)
+    weights, aliases = model_tensors(model)
     optim, optim_rest = ({}, None)
     if optimizer is not None:
-        optim, optim_rest = optimizer_tensors(optimizer, gathered[1] if gathered else None)
+        optim, optim_rest = optimizer_tensors(optimizer)
     try:
         check_finite(weights, "model")
         check_finite(optim, "optimizer state")
     except WeightsFormatError as e:
-        raise TrainingError(f"refusing to write checkpoint {final.name}: {e}") from None
+        raise TrainingError(f"refusing to write checkpoint step_{step:06d}: {e}") from None
     payload: dict[str, bytes | str] = {
         "model.safetensors": save(weights, metadata={"aliases": json.dumps(aliases)}),
         "state.json": json.dumps({**state, "step": step, "optimizer": optim_rest}),
@@ -265,34 +267,67 @@ def save_checkpoint(
     }
     if optimizer is not None:
         payload["optim.safetensors"] = save(optim)
-    root.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(root)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    try:
+    tmp = begin_checkpoint(run_dir, step, str(os.getpid()))
+    return commit_checkpoint(tmp, step, payload, keep=keep)
+
+
+def begin_checkpoint(run_dir: Path, step: int, tag: str) -> Path:
+    """The empty temporary folder `.tmp-step_N-{tag}` a checkpoint is written into (leftovers of
+    killed runs removed first). The ranks of a sharded save share one `tag`."""
+    final = checkpoint_path(run_dir, step)
+    tmp = staging_path(run_dir, step, tag)
+    with _write_errors(tmp, final):
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(tmp.parent)
         tmp.mkdir()
+    return tmp
+
+
+def staging_path(run_dir: Path, step: int, tag: str) -> Path:
+    """Where checkpoint `step` is written before it is renamed into place."""
+    final = checkpoint_path(run_dir, step)
+    return final.parent / f".tmp-{final.name}-{tag}"
+
+
+def commit_checkpoint(
+    tmp: Path,
+    step: int,
+    payload: dict[str, bytes | str],
+    written: dict[str, dict[str, Any]] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write `payload` into `tmp`, then the manifest (over those files and the ones already
+    `written` there, {name: {"sha256", "bytes"}}: a sharded save's shards), LAST; rename `tmp`
+    into place and keep the newest `keep` checkpoints."""
+    final = tmp.parent / f"step_{step:06d}"
+    root = final.parent
+    with _write_errors(tmp, final):
         for name, data in payload.items():
             atomic_write(tmp / name, data)
-        manifest = {
-            "format": FORMAT,
-            "step": step,
-            "files": {
-                n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size}
-                for n in payload
-            },
+        listed = {
+            n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in payload
         }
+        manifest = {"format": FORMAT, "step": step, "files": {**(written or {}), **listed}}
         atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():  # a stale or corrupt one of the same step: move it out of the way first
             os.replace(final, root / f".trash-{final.name}-{os.getpid()}")
         os.replace(tmp, final)
         _fsync_dir(root)
+    _purge(root, keep)
+    return final
+
+
+@contextlib.contextmanager
+def _write_errors(tmp: Path, final: Path) -> Iterator[None]:
+    """A failing write (disk full, file-size limit) -> CheckpointWriteError; `tmp` removed."""
+    try:
+        yield
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         why = _WRITE_ERRORS.get(e.errno, e.strerror)
         raise CheckpointWriteError(
             f"cannot write checkpoint {final}: {why}; the previous checkpoint is intact"
         ) from None
-    _purge(root, keep)
-    return final
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -335,7 +370,7 @@ def verify(path: Path) -> dict[str, Any]:
     files = manifest["files"]
     if manifest["format"] != FORMAT:
         raise CheckpointError(f"{path}: {MANIFEST} is not a {FORMAT} manifest")
-    for name in REQUIRED:
+    for name in (sharded.INDEX, "state.json") if sharded.INDEX in files else REQUIRED:
         if name not in files:
             raise CheckpointError(f"{path}: manifest lists no {name}")
     for name, info in files.items():
@@ -362,13 +397,21 @@ def latest_good(run_dir: Path) -> Path | None:
     return None
 
 
-def read_model_weights(path: Path) -> dict[str, Tensor]:
-    """`path/model.safetensors` as a state dict, tied aliases filled in again."""
-    file = Path(path) / "model.safetensors"
+def read_model_weights(path: Path, *, allow_nonfinite: bool = False) -> dict[str, Tensor]:
+    """The checkpoint's weights as a full state dict, tied aliases filled in again: from
+    `path/model.safetensors`, or reassembled from a sharded checkpoint's pieces."""
+    path = Path(path)
+    file = path / (sharded.INDEX if (path / sharded.INDEX).is_file() else "model.safetensors")
     try:
-        tensors = load_safetensors(file)
-        aliases = json.loads(read_safetensors_header(file)[1].get("aliases", "{}"))
-        _files.check_shape(aliases, {"*": str}, f"{file} metadata 'aliases'", CheckpointError)
+        if file.name == sharded.INDEX:
+            reader = sharded.ShardReader(path)
+            tensors, aliases = reader.read_section("model"), reader.aliases
+            if not allow_nonfinite:
+                check_finite(tensors, file.name)
+        else:
+            tensors = load_safetensors(file, allow_nonfinite=allow_nonfinite)
+            aliases = json.loads(read_safetensors_header(file)[1].get("aliases", "{}"))
+            _files.check_shape(aliases, {"*": str}, f"{file} metadata 'aliases'", CheckpointError)
     except (WeightsFormatError, ValueError) as e:
         raise CheckpointError(f"cannot load {file}: {e}") from None
     tensors.update({alias: tensors[name] for alias, name in aliases.items() if name in tensors})
@@ -414,11 +457,15 @@ def load_checkpoint(
 
 
 def read_optimizer(path: Path, state: dict[str, Any]) -> tuple[dict[str, Tensor], dict]:
-    """The flattened optimizer tensors and their JSON rest (see `optimizer_tensors`)."""
-    if not (Path(path) / "optim.safetensors").is_file() or state.get("optimizer") is None:
+    """The flattened optimizer tensors (whole, from either layout) and their JSON rest (see
+    `optimizer_tensors`)."""
+    path = Path(path)
+    if (path / sharded.INDEX).is_file() and state.get("optimizer") is not None:
+        return sharded.ShardReader(path).read_section("optim"), state["optimizer"]
+    if not (path / "optim.safetensors").is_file() or state.get("optimizer") is None:
         raise CheckpointError(f"{path} holds no optimizer state; cannot resume training from it")
     try:
-        tensors = load_safetensors(Path(path) / "optim.safetensors")
+        tensors = load_safetensors(path / "optim.safetensors")
     except WeightsFormatError as e:
         raise CheckpointError(f"cannot load the optimizer state: {e}") from None
     return tensors, state["optimizer"]

@@ -51,13 +51,13 @@ from pellucid.weights.checkpoint import (
     latest_good,
     load_model_weights,
     read_json,
+    read_model_weights,
     verify,
 )
 from pellucid.weights.gguf import SMOLLM2_NAME, load_gguf, smollm2_gguf_path
 from pellucid.weights.hf import MAX_JSON, load_hf
 from pellucid.weights.safety import (
     PICKLE_SUFFIXES,
-    load_safetensors,
     model_dir,
     refuse_pickle,
     validate_model_name,
@@ -179,7 +179,7 @@ def model_config(folder: Path) -> ModelConfig:
 def _load_checkpoint(path: Path, device: str | torch.device | None, nonfinite: bool) -> LoadedModel:
     folder = checkpoint_folder(path)
     cfg = model_config(folder)
-    tensors = load_safetensors(folder / "model.safetensors", allow_nonfinite=nonfinite)
+    tensors = read_model_weights(folder, allow_nonfinite=nonfinite)  # either layout (sharded.py)
     # A tied head is stored once (under tok_emb.weight); from_weights re-ties it.
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
