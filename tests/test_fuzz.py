@@ -63,6 +63,12 @@ def test_safetensors_dtype_of_the_wrong_type(tmp_path):
         read_safetensors_header(_safetensors(tmp_path, bad))
 
 
+def test_safetensors_shape_whose_size_has_thousands_of_digits(tmp_path):
+    bad = {"w": {"dtype": "F32", "shape": [320, 64] * 1000, "data_offsets": [0, 8]}}
+    with pytest.raises(WeightsFormatError, match="needs more than 10\\^30 bytes"):  # ValueError
+        read_safetensors_header(_safetensors(tmp_path, bad))
+
+
 def test_safetensors_header_nested_too_deeply(tmp_path):
     deep = b'{"w": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # was a RecursionError
     with pytest.raises(WeightsFormatError, match="header: JSON nested too deeply"):

@@ -109,9 +109,12 @@ def _entry(path: Path, name: str, info: Any) -> TensorEntry:
     # Python ints do not wrap, so a shape whose product overflows 64 bits just fails to match.
     nbytes = prod(shape) * DTYPE_SIZES[dtype]
     if nbytes != end - start:
+        # Such a product can run past the 4,300 digits Python will turn into text.
+        need = f"{nbytes}" if nbytes < 10**30 else "more than 10^30"
         _fail(
             path,
-            f"tensor '{name}' {dtype}{shape} needs {nbytes} bytes but its data_offsets span {end - start}",
+            f"tensor '{name}' {dtype}{shape!s:.80} needs {need} bytes but its data_offsets span "
+            f"{end - start}",
         )
     return TensorEntry(dtype, tuple(shape), start, end)
 
