@@ -65,7 +65,7 @@ def test_safetensors_dtype_of_the_wrong_type(tmp_path):
 
 def test_safetensors_shape_whose_size_has_thousands_of_digits(tmp_path):
     bad = {"w": {"dtype": "F32", "shape": [320, 64] * 1000, "data_offsets": [0, 8]}}
-    with pytest.raises(WeightsFormatError, match="needs more than 10\\^30 bytes"):  # ValueError
+    with pytest.raises(WeightsFormatError, match=r"needs more than 10\^30 bytes"):  # ValueError
         read_safetensors_header(_safetensors(tmp_path, bad))
 
 
@@ -89,12 +89,12 @@ def test_jsonl_line_nested_too_deeply(tmp_path):
 
 
 def test_list_value_nested_too_deeply():
-    with pytest.raises(ConfigError, match="'train.betas' expects a list.*nested too deeply"):
+    with pytest.raises(ConfigError, match=r"'train.betas' expects a list.*nested too deeply"):
         config.override(finetune.FinetuneRun(), ["train.betas=" + "[" * 5000])
 
 
 def test_preset_assignment_without_equals():
-    with pytest.raises(ConfigError, match="'model.preset' must look like key=value"):
+    with pytest.raises(ConfigError, match=r"'model.preset' must look like key=value"):
         recipes.load_run_config(None, ["model.preset"])  # was an IndexError
 
 
