@@ -35,7 +35,7 @@ def main() -> int:
         seeds = make_seeds(Path(tmp) / "seeds")
         t0 = time.perf_counter()
         total, failures = Counter(), []
-        print(f"| format | cases | {' | '.join(COLUMNS)} | slowest s |")
+        print(f"| format | cases | {' | '.join(COLUMNS)} | slowest case, CPU s |")
         print(f"|---|---:|{'---:|' * (len(COLUMNS) + 1)}")
         for name in args.formats:  # one format at a time, so its row prints as soon as it is done
             counts, failed = fuzz([name], args.n, args.seed, seeds, Path(tmp) / "work")
