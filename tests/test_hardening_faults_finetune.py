@@ -8,9 +8,8 @@ loop this shares: tests/kill_helpers.py), rather than fewer to fit a minute: mea
 2-core EPYC, the SFT test took 91 s of CPU (all processes; the pretraining test takes 67 s there
 and about 70 s of wall time on a quiet machine), so about 90 s quiet; lower `kills` in
 kill_and_resume if CI time is short (every other kill still lands inside a checkpoint write).
-LoRA for SFT and full
-weights for DPO, so that both kinds of checkpoint (trainable tensors only, and every weight with a
-frozen reference beside it) go through the kills. NaN/inf stopping with the step and the last good
+LoRA for SFT and full weights for DPO, so that both kinds of checkpoint (trainable tensors only,
+and every weight with a frozen reference beside it) go through the kills. NaN/inf stopping with the step and the last good
 checkpoint named is tests/test_trainer.py::test_consecutive_nonfinite_steps_stop_the_run_with_the_step
 (the one trainer every run goes through).
 """
