@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import sys
 import types
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from pellucid.errors import ConfigError
+from pellucid.files import parse_json
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,10 +67,9 @@ def _parse_scalar(key: str, tp: Any, value: Any) -> Any:
     if origin in (list, tuple):
         (item_tp, *_) = get_args(tp) or (str,)
         if isinstance(value, str):
-            try:
-                value = json.loads(value) if value.strip().startswith("[") else value.split(",")
-            except json.JSONDecodeError:
-                raise ConfigError(f"config key '{key}' expects a list, got {value!r}") from None
+            where = f"config key '{key}' expects a list, got {value!r:.40}"
+            is_json = value.strip().startswith("[")
+            value = parse_json(value, where, ConfigError) if is_json else value.split(",")
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
         items = [_parse_scalar(key, item_tp, v) for v in value]

@@ -339,17 +339,33 @@ def read_json(
     if info.st_size > max_bytes:
         raise error(f"{path}: {info.st_size:,} bytes is too large (at most {max_bytes:,})")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        raw = path.read_bytes()
     except OSError as e:
         raise error(f"{path}: cannot read it ({e.strerror})") from None
+    return parse_json(raw, str(path), error, shape=shape)
+
+
+def parse_json(
+    raw: bytes | str,
+    where: str,
+    error: type[PellucidError] = DataError,
+    *,
+    shape: Any = None,
+    **loads: Any,
+) -> Any:
+    """JSON text (a file's, a line's, a header's, a flag's), or one `error` line naming `where`:
+    invalid UTF-8, invalid JSON, nesting too deep for the parser, or (with `shape`) a value of
+    the wrong shape (check_shape). `loads`: keyword arguments for json.loads."""
+    try:
+        data = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw, **loads)
     except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 (byte {e.start})") from None
+        raise error(f"{where}: not UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{where}: not valid JSON ({e})") from None
     except RecursionError:
-        raise error(f"{path}: JSON nested too deeply") from None
+        raise error(f"{where}: JSON nested too deeply") from None
     if shape is not None:
-        check_shape(data, shape, str(path), error)
+        check_shape(data, shape, where, error)
     return data
 
 

@@ -134,8 +134,9 @@ def load_run_config(
     model = data.get("model")
     preset = model.pop("preset", "small") if isinstance(model, dict) else "small"
     for item in list(rest):
-        if item.split("=", 1)[0].strip() == "model.preset":
-            preset = item.split("=", 1)[1].strip()
+        key, eq, value = item.partition("=")
+        if eq and key.strip() == "model.preset":  # without '=', override() names the mistake
+            preset = value.strip()
             rest.remove(item)
     if not isinstance(preset, str):  # a TOML number or list; would fail deep in difflib
         raise ConfigError(f"config key 'model.preset' expects a preset name, got {preset!r:.60}")

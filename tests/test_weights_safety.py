@@ -43,7 +43,7 @@ MALFORMED = {
     "header_len_2_63": (_file({}, length=2**63), "exceeds"),
     "header_101_mb": (_file({}, length=101 * 1000 * 1000), "exceeds"),
     "non_utf8": (_file(b'{"a\xff\xfe": 1}'), "not UTF-8"),
-    "non_json": (_file("{not json"), "not JSON"),
+    "non_json": (_file("{not json"), "header: not valid JSON"),
     "array_header": (_file([1, 2, 3]), "not an object"),
     "overlap": (_file({"a": _t(end=8), "b": _t(start=4, end=12)}, bytes(12)), "overlap"),
     "hole": (_file({"a": _t(end=8), "b": _t(start=12, end=20)}, bytes(20)), "hole"),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pellucid.errors import DataError
+from pellucid.files import parse_json
 
 SHAPES = ("chat", "instruction", "prompt_completion", "task", "classification")
 LM_SHAPES = ("chat", "instruction", "prompt_completion", "task")  # those with assistant text
@@ -175,11 +176,7 @@ def json_lines(path: str | Path) -> Iterator[tuple[int, str, Any]]:
             raise DataError(f"{where}: not valid UTF-8 (byte {e.start})") from None
         if not text.strip():
             raise DataError(f"{where}: blank line (one JSON object per line, none empty)")
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        yield n, where, obj
+        yield n, where, parse_json(text, where)
 
 
 def read_jsonl(path: str | Path, shapes: Sequence[str] = SHAPES) -> Dataset:

@@ -34,7 +34,7 @@ from safetensors.torch import save
 from torch import Tensor
 
 from pellucid.errors import ConfigError, WeightsFormatError
-from pellucid.files import atomic_write, read_json
+from pellucid.files import atomic_write, check_shape, read_json
 from pellucid.model.config import ModelConfig
 from pellucid.model.transformer import Transformer
 from pellucid.weights.safety import (
@@ -279,6 +279,9 @@ def config_from_hf(c: dict[str, Any]) -> ModelConfig:
     """Map a transformers config.json (already parsed) onto ModelConfig, checking every value."""
     fam = family_of(c)
     c = _flatten_rope(c)
+    # The settings compared below, typed first: a list where a name belongs would not even hash.
+    fixed = {f"{key}?": type(want) for key, want in fam.theirs_fixed.items()}
+    check_shape(c, fixed, "config.json", WeightsFormatError)
     layer_types = c.get("layer_types") or []
     if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
         raise WeightsFormatError(

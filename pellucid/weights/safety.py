@@ -14,7 +14,6 @@ Pickle-based checkpoints (`.bin`, `.pt`, ...) are refused outright: unpickling r
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -29,7 +28,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from pellucid.errors import ConfigError, WeightsFormatError
-from pellucid.files import pellucid_home
+from pellucid.files import parse_json, pellucid_home
 from pellucid.model.config import ModelConfig
 from pellucid.model.transformer import Transformer
 
@@ -96,7 +95,7 @@ def _entry(path: Path, name: str, info: Any) -> TensorEntry:
             path, f"tensor '{name}' needs exactly dtype, shape and data_offsets, got {info!r:.80}"
         )
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         _fail(path, f"tensor '{name}' has unknown dtype {dtype!r:.40}")
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
         _fail(path, f"tensor '{name}' has a shape that is not a list of integers: {shape!r:.80}")
@@ -110,9 +109,12 @@ def _entry(path: Path, name: str, info: Any) -> TensorEntry:
     # Python ints do not wrap, so a shape whose product overflows 64 bits just fails to match.
     nbytes = prod(shape) * DTYPE_SIZES[dtype]
     if nbytes != end - start:
+        # Such a product can run past the 4,300 digits Python will turn into text.
+        need = f"{nbytes}" if nbytes < 10**30 else "more than 10^30"
         _fail(
             path,
-            f"tensor '{name}' {dtype}{shape} needs {nbytes} bytes but its data_offsets span {end - start}",
+            f"tensor '{name}' {dtype}{shape!s:.80} needs {need} bytes but its data_offsets span "
+            f"{end - start}",
         )
     return TensorEntry(dtype, tuple(shape), start, end)
 
@@ -166,13 +168,10 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorEntry], d
             _fail(path, f"header length {n} runs past the end of the {size}-byte file")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except UnicodeDecodeError as e:
-        _fail(path, f"header is not UTF-8 (bad byte at header offset {e.start})")
+        where = f"{path}: header"
+        header = parse_json(raw, where, WeightsFormatError, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
         _fail(path, f"duplicate key '{e.args[0]}' in header")
-    except json.JSONDecodeError as e:
-        _fail(path, f"header is not JSON ({e.msg} at character {e.pos})")
     if not isinstance(header, dict):
         _fail(path, f"header is a JSON {type(header).__name__}, not an object")
     metadata = _check_metadata(path, header.pop("__metadata__", {}))
