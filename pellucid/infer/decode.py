@@ -129,19 +129,33 @@ def _fused(*parts: nn.Module) -> tuple | None:
     return parts[0].fused.mat
 
 
+def runner_for(
+    model: nn.Module, fast: FastDecoder | None, rows: list[list[int]], cache: KVCache | None
+) -> nn.Module | FastDecoder:
+    """What runs these rows: the FastDecoder (if there is one) for a few tokens per row over a
+    cache (decode, draft checks), the model for prefill and uncached runs."""
+    few = cache is not None and max(map(len, rows)) <= FAST_TOKENS
+    return fast if few and fast is not None else model
+
+
 def last_logits(
     runner: nn.Module | FastDecoder,
     rows: list[list[int]],
     device: torch.device,
     cache: KVCache | None = None,
+    *,
+    every: bool = False,
 ) -> Tensor:
     """Run the rows' tokens (right-padded with 0) and return the logits (B, V) of each row's
     last real token. Causal attention keeps the padding unseen by the real tokens, and only B
     hidden states go through the output head (not B x T of them). runner: the model, or a
-    FastDecoder (with a cache)."""
+    FastDecoder (with a cache). every=True: the logits of every position, (B, T, V) (to check
+    drafted tokens; a row's positions past its length are padding)."""
     T = max(map(len, rows))
     ids = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)  # (B, T)
     hidden = runner.forward_hidden(ids, cache=cache)  # (B, T, C)
+    if every:
+        return runner.logits(hidden)
     last = torch.tensor([len(r) - 1 for r in rows], device=device)  # (B,)
     return runner.logits(hidden[torch.arange(len(rows), device=device), last])
 
