@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from pellucid.errors import ConfigError, PellucidError
-from pellucid.infer.decode import FastDecoder, choose, last_logits, runner_for
+from pellucid.infer.decode import FastDecoder, choose, hidden_states, last_logits, runner_for
 from pellucid.infer.kv_pool import KVPool, default_budget
 from pellucid.infer.sampling import SamplingParams, seen_mask
 from pellucid.infer.sequence import Completion, RowText, Step, Timing, common_prefix, split_stop
@@ -446,11 +446,13 @@ class Engine:
             drafts.append(self.draft.propose(s.handle, s.ids, k)[:k] if k > 0 else [])
         fed = [[s.ids[-1], *d] for s, d in zip(rows, drafts, strict=True)]
         cache = self.pool.view(0, len(rows), [s.cached for s in rows])
-        logits = self._logits(fed, cache, every=True)  # (B, 1 + max k, V)
+        runner = runner_for(self.model, self._fast, fed, cache)
+        hidden = hidden_states(runner, fed, self.device, cache)  # (B, 1 + max k, C)
         steps = []
-        for s, d, z in zip(rows, drafts, logits, strict=True):
-            for j in range(len(d) + 1):
-                (t,), (lp,), (top,) = choose([s.params], [s.seen], [s.gen], z[j : j + 1])
+        for s, d, h in zip(rows, drafts, hidden, strict=True):
+            for j in range(len(d) + 1):  # the output head only for the positions reached
+                z = self.model.logits(h[j : j + 1])  # (1, V)
+                (t,), (lp,), (top,) = choose([s.params], [s.seen], [s.gen], z)
                 step = s.text.step(t, lp, top, s.params, ctx)
                 s.ids.append(t)
                 s.cached = len(s.ids) - 1  # the fed tokens before t: all kept
@@ -476,13 +478,12 @@ class Engine:
             s.cached = len(s.ids)
         return logits
 
-    def _logits(
-        self, rows: list[list[int]], cache: KVCache | None = None, every: bool = False
-    ) -> Tensor:
-        """Each row's last logits (B, V), or every position's (B, T, V): decode (a few tokens
-        per row) on the FastDecoder if there is one, prefill and uncached runs on the model."""
-        runner = runner_for(self.model, self._fast, rows, cache)
-        return last_logits(runner, rows, self.device, cache, every=every)
+    def _logits(self, rows: list[list[int]], cache: KVCache | None = None) -> Tensor:
+        """Each row's last logits (B, V): decode (a few tokens per row) on the FastDecoder if
+        there is one, prefill and uncached runs on the model."""
+        return last_logits(
+            runner_for(self.model, self._fast, rows, cache), rows, self.device, cache
+        )
 
     def _reuse(self, seq: _Seq, row: int) -> int:
         """Copy the prefix a Session's cache shares with the prompt into `row`; its length."""
