@@ -74,18 +74,27 @@ def run(engine, prompts, params):
     return out
 
 
+@pytest.fixture(scope="module")
+def plain(target):
+    """Plain greedy decoding of PROMPTS, once per module."""
+    return run(Engine(target), PROMPTS, GREEDY)
+
+
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("name", ["lookup", "model", "self", "junk"])
-def test_greedy_equals_plain_greedy(target, name, k):
-    plain = run(Engine(target), PROMPTS, GREEDY)
+def test_greedy_equals_plain_greedy(target, plain, name, k):
     spec = Engine(target, draft=drafters(target)[name], draft_k=k)
     assert run(spec, PROMPTS, GREEDY) == plain
     assert spec.pool.nbytes == 0 and spec.n_live == 0
-    for i, p in enumerate(PROMPTS):  # one at a time too: with complete, logprobs and all
-        a = Engine(target).complete(p, GREEDY)
-        b = spec.complete(p, GREEDY)
+
+
+@pytest.mark.parametrize("name", ["lookup", "self"])
+def test_logprobs_and_alternatives_equal_plain(target, name):
+    spec = Engine(target, draft=drafters(target)[name], draft_k=3)
+    for i, p in enumerate(PROMPTS[:2]):
+        a, b = Engine(target).complete(p, GREEDY), spec.complete(p, GREEDY)
         assert b.ids == a.ids and b.finish_reason == a.finish_reason, i
-        assert [s.top[0][0] for s in b.steps] == [s.top[0][0] for s in a.steps]
+        assert [s.top[1][0] for s in b.steps] == [s.top[1][0] for s in a.steps]
         torch.testing.assert_close(
             [s.logprob for s in b.steps], [s.logprob for s in a.steps], atol=1e-4, rtol=0
         )
