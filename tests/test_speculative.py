@@ -9,6 +9,7 @@ the same draws as plain sampling for the same seed, and a chi-square test on a v
 """
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -201,3 +202,22 @@ def test_sampled_tokens_follow_the_models_distribution():
     # The 0.999 quantile of chi-square(dof), Wilson-Hilferty: a wrong rule fails by far.
     bound = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3
     assert chi2 < bound, (chi2, bound)
+
+
+def test_cli_generate_speculative_equals_plain(tmp_path, capsys):
+    """`pellucid generate --speculative lookup|MODEL`: the same tokens as without it."""
+    from test_resolve import TEMPLATE, tiny_model, tiny_tokenizer
+
+    from pellucid.cli import main
+    from pellucid.weights.gguf import save_gguf
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    path = str(save_gguf(model, tmp_path / "tiny.gguf", tokenizer=tok, chat_template=TEMPLATE))
+    base = ["generate", "the fox the fox the", "--model", path, "--json", "--temperature", "0"]
+    outs = []
+    for extra in ([], ["--speculative", "lookup"], ["--speculative", path, "--draft-k", "3"]):
+        assert main([*base, "--max-new-tokens", "12", *extra]) == 0
+        outs.append(json.loads(capsys.readouterr().out)["ids"])
+    assert outs[1] == outs[0] and outs[2] == outs[0]
+    assert main([*base, "--draft-k", "3"]) == 2
+    assert "--draft-k needs --speculative" in capsys.readouterr().err
