@@ -11,7 +11,9 @@ from pellucid.errors import PellucidError
 
 if TYPE_CHECKING:
     from pellucid.infer.conversation import Responder
+    from pellucid.infer.engine import Engine
     from pellucid.infer.sampling import SamplingParams
+    from pellucid.weights.resolve import LoadedModel
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -24,12 +26,47 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", help="system prompt for --chat (default: the template's own)")
     p.add_argument("--top-logprobs", type=int, default=5, help="alternatives per step in --json")
     p.add_argument("--json", action="store_true", help="print one JSON object, not streamed text")
+    add_speculative(p)
     p.set_defaults(handler=cmd_generate)
+
+
+def add_speculative(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--speculative",
+        metavar="lookup|MODEL",
+        help="speculative decoding, same output: guess tokens by prompt lookup, or with a small "
+        "draft model sharing the tokenizer (README: Speed)",
+    )
+    p.add_argument("--draft-k", type=int, help="tokens guessed per step (default 4)")
+
+
+def make_engine(args: argparse.Namespace, loaded: LoadedModel) -> Engine:
+    """The engine for a loaded model, with the drafter --speculative names (if any)."""
+    from pellucid.errors import ConfigError
+    from pellucid.infer.engine import Engine
+    from pellucid.infer.speculative import LookupDrafter, ModelDrafter
+
+    if args.speculative is None:
+        if args.draft_k is not None:
+            raise ConfigError("--draft-k needs --speculative")
+        return Engine(loaded.model, loaded.tokenizer)
+    if args.speculative == "lookup":
+        draft = LookupDrafter()
+    else:
+        spec = argparse.Namespace(**{**vars(args), "model": args.speculative})
+        small = load(spec, need_tokenizer=False)
+        if small.tokenizer is not None and small.tokenizer.vocab != loaded.tokenizer.vocab:
+            raise ConfigError(
+                f"--speculative {args.speculative}: its tokenizer differs from the model's "
+                "(a draft model must share the tokenizer)"
+            )
+        draft = ModelDrafter(small.model, loaded.model.cfg.vocab_size)
+    k = 4 if args.draft_k is None else args.draft_k
+    return Engine(loaded.model, loaded.tokenizer, draft=draft, draft_k=k)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from pellucid.errors import ConfigError
-    from pellucid.infer.engine import Engine
 
     if args.system is not None and not args.chat:
         raise ConfigError("--system needs --chat (without it the prompt is raw text)")
@@ -43,7 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt_ids = loaded.chat_template().encode(tokenizer, messages)
     else:
         prompt_ids = tokenizer.encode(prompt)
-    engine = Engine(loaded.model, tokenizer)
+    engine = make_engine(args, loaded)
     if not args.json:
         engine.complete(prompt_ids, params, on_text=lambda t: print(t, end="", flush=True))
         print()
@@ -59,6 +96,7 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     add_sampling(p, max_new_tokens=512, temperature=0.0)
     p.add_argument("--system", help="system prompt (default: the chat template's own, if any)")
     p.add_argument("--stats", action="store_true", help="tokens and speed of each reply, on stderr")
+    add_speculative(p)
     p.set_defaults(handler=cmd_chat)
 
 
@@ -104,10 +142,9 @@ def _responder(args: argparse.Namespace) -> tuple[Responder, SamplingParams, int
         print(bot.greeting, flush=True)
         return bot, SamplingParams(), 0
     from pellucid.infer.conversation import Conversation
-    from pellucid.infer.engine import Engine
 
     loaded = load(args)
-    engine = Engine(loaded.model, loaded.tokenizer)
+    engine = make_engine(args, loaded)
     ctx = engine.cfg.context_len
     print(
         f"pellucid chat: {loaded.source.name}, {loaded.model.num_params() / 1e6:.1f}M parameters, "

@@ -129,19 +129,38 @@ def _fused(*parts: nn.Module) -> tuple | None:
     return parts[0].fused.mat
 
 
+def runner_for(
+    model: nn.Module, fast: FastDecoder | None, rows: list[list[int]], cache: KVCache | None
+) -> nn.Module | FastDecoder:
+    """What runs these rows: the FastDecoder (if there is one) for a few tokens per row over a
+    cache (decode, draft checks), the model for prefill and uncached runs."""
+    few = cache is not None and max(map(len, rows)) <= FAST_TOKENS
+    return fast if few and fast is not None else model
+
+
+def hidden_states(
+    runner: nn.Module | FastDecoder,
+    rows: list[list[int]],
+    device: torch.device,
+    cache: KVCache | None = None,
+) -> Tensor:
+    """Run the rows' tokens, right-padded with 0: the final hidden states (B, T, C) of every
+    position (a row's positions past its length are padding). Causal attention keeps the
+    padding unseen by the real tokens. runner: the model, or a FastDecoder (with a cache)."""
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)  # (B, T)
+    return runner.forward_hidden(ids, cache=cache)
+
+
 def last_logits(
     runner: nn.Module | FastDecoder,
     rows: list[list[int]],
     device: torch.device,
     cache: KVCache | None = None,
 ) -> Tensor:
-    """Run the rows' tokens (right-padded with 0) and return the logits (B, V) of each row's
-    last real token. Causal attention keeps the padding unseen by the real tokens, and only B
-    hidden states go through the output head (not B x T of them). runner: the model, or a
-    FastDecoder (with a cache)."""
-    T = max(map(len, rows))
-    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)  # (B, T)
-    hidden = runner.forward_hidden(ids, cache=cache)  # (B, T, C)
+    """The logits (B, V) of each row's last real token (hidden_states): only B hidden states go
+    through the output head, not B x T of them."""
+    hidden = hidden_states(runner, rows, device, cache)  # (B, T, C)
     last = torch.tensor([len(r) - 1 for r in rows], device=device)  # (B,)
     return runner.logits(hidden[torch.arange(len(rows), device=device), last])
 

@@ -20,6 +20,11 @@ One `step()`:
     finish   a sequence that ends (stop token or string, max_new_tokens, context) is removed at
              once and its KV memory goes back to the pool; its Step says why.
 
+Speculative decoding (`Engine(model, tok, draft=LookupDrafter(), draft_k=4)`, speculative.py):
+the decode forward feeds each row's last token AND a drafter's guesses for the next ones, and
+the logits of every position choose tokens in order (one Step each) while they equal the guesses:
+up to draft_k + 1 Steps per sequence per step, the same tokens as without a drafter.
+
 `generate(prompts, params)` (and `complete`, chat's Conversation, explain, the CLI) is this core
 driven to the end: it adds the prompts (prompt i seeded params.seed + i; those that do not fit the
 pool wait until memory frees), steps, and relabels each Step with its prompt's index. A server
@@ -48,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from pellucid.errors import ConfigError, PellucidError
-from pellucid.infer.decode import FAST_TOKENS, FastDecoder, choose, last_logits
+from pellucid.infer.decode import FastDecoder, choose, hidden_states, last_logits, runner_for
 from pellucid.infer.kv_pool import KVPool, default_budget
 from pellucid.infer.sampling import SamplingParams, seen_mask
 from pellucid.infer.sequence import Completion, RowText, Step, Timing, common_prefix, split_stop
@@ -56,6 +61,7 @@ from pellucid.model.kv_cache import KVCache
 from pellucid.tokenizer.stream import StreamDecoder
 
 if TYPE_CHECKING:
+    from pellucid.infer.speculative import Drafter
     from pellucid.tokenizer.bpe import Tokenizer
 
 __all__ = ["Completion", "Engine", "Session", "Step", "Timing", "common_prefix", "split_stop"]
@@ -107,6 +113,8 @@ class Engine:
     `logits(hidden)`. The engine only ever reads the output head at each row's last position.
     kv_budget_bytes: the KV pool's memory budget; None: 8 full-context rows (at least 256 MiB),
     at most a quarter of the device's memory (kv_pool.default_budget).
+    draft: a Drafter (speculative.py) for speculative decoding, guessing up to draft_k tokens
+    per sequence per step; None: plain decoding.
 
     Single-threaded by contract: add, step and cancel (and generate) must be called from one
     thread (a server's one worker thread); nothing here takes a lock.
@@ -118,8 +126,13 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         *,
         kv_budget_bytes: int | None = None,
+        draft: Drafter | None = None,
+        draft_k: int = 4,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        if isinstance(draft_k, bool) or not isinstance(draft_k, int) or draft_k < 1:
+            raise ConfigError(f"draft_k must be an integer >= 1, got {draft_k!r}")
+        self.draft, self.draft_k = draft, draft_k
         self.cfg = model.cfg
         first = next(model.parameters())
         self.device = first.device
@@ -245,10 +258,11 @@ class Engine:
     ) -> Completion:
         """Generate for one prompt and collect the result; on_text receives each text delta."""
         timing, steps = Timing(), []
-        for (step,) in self.generate([prompt_ids], params, session=session, timing=timing):
-            steps.append(step)
-            if on_text is not None and step.text:
-                on_text(step.text)
+        for batch in self.generate([prompt_ids], params, session=session, timing=timing):
+            for step in batch:  # one, or with a drafter up to draft_k + 1
+                steps.append(step)
+                if on_text is not None and step.text:
+                    on_text(step.text)
         return Completion(
             prompt_ids=list(prompt_ids),
             ids=[s.id for s in steps],
@@ -349,6 +363,8 @@ class Engine:
     def _remove(self, seq: _Seq) -> None:
         """Forget a sequence; a Session gets back the K/V its row holds."""
         del self._seqs[seq.handle]
+        if self.draft is not None:
+            self.draft.forget(seq.handle)
         if seq in self._pending:
             self._pending.remove(seq)
         if not seq.use_cache:
@@ -369,13 +385,16 @@ class Engine:
         # Decode: the prefilled rows (pool rows 0 .. n-1) and the uncached sequences that have
         # a token to feed. Prefill: the new ones. `rows` and `parts` list them in one order.
         rows = [self._seqs[h] for h in self.pool.rows]
-        parts = []
-        if rows:
+        parts, steps = [], []
+        if rows and self.draft is not None:
+            steps = self._speculate(rows)
+            timing.decode_tokens, rows = len(steps), []
+        elif rows:
             cache = self.pool.view(0, len(rows), [s.cached for s in rows])
             parts.append(self._logits([[s.ids[-1]] for s in rows], cache))
             for s in rows:
                 s.cached += 1
-        timing.decode_tokens = len(rows)
+            timing.decode_tokens = len(rows)
         uncached = [s for s in self._seqs.values() if not s.use_cache]
         if uncached:  # the whole sequence again, new or not: one forward without a cache
             parts.append(self._logits([s.ids for s in uncached]))
@@ -391,17 +410,17 @@ class Engine:
             rows += new
             timing.prefill_s = perf_counter() - clock
         clock = perf_counter()
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, V)
-        ids, logprobs, tops = choose(
-            [s.params for s in rows], [s.seen for s in rows], [s.gen for s in rows], logits
-        )
-        steps = []
-        for b, s in enumerate(rows):
-            step = s.text.step(ids[b], logprobs[b], tops[b], s.params, self.cfg.context_len)
-            s.ids.append(ids[b])
-            steps.append(step)
-            if step.finish_reason is not None:
-                self._remove(s)
+        if parts:  # (not when every row was decoded with drafts: those are chosen already)
+            logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, V)
+            ids, logprobs, tops = choose(
+                [s.params for s in rows], [s.seen for s in rows], [s.gen for s in rows], logits
+            )
+            for b, s in enumerate(rows):
+                step = s.text.step(ids[b], logprobs[b], tops[b], s.params, self.cfg.context_len)
+                s.ids.append(ids[b])
+                steps.append(step)
+                if step.finish_reason is not None:
+                    self._remove(s)
         chose = perf_counter() - clock
         if timing.decode_tokens:
             timing.decode_s += chose
@@ -409,6 +428,40 @@ class Engine:
             timing.prefill_s += chose + timing.decode_s
             timing.decode_s = 0.0
         self.last_step = timing
+        return steps
+
+    def _speculate(self, rows: list[_Seq]) -> list[Step]:
+        """Decode the pool's rows with drafts: ONE forward of each row's last token and its guesses
+        (B, 1 + k), then per row, in order, the token chosen at each position (as plain decoding
+        would) until one differs from the guess: it is kept and ends the row's step. The row's
+        cache length is then its accepted tokens; the K/V of rejected guesses lie past it."""
+        ctx = self.cfg.context_len
+        # Padded rows write 1 + max(k) positions after each row's length: all inside the buffer.
+        room = self.pool.shape[1] - max(s.cached for s in rows) - 1
+        drafts = []
+        for s in rows:
+            # Guess no token past max_new_tokens or the context: the last kept one is chosen.
+            left = min(s.params.max_new_tokens - s.text.n_new, ctx - len(s.ids)) - 1
+            k = min(self.draft_k, left, room)
+            drafts.append(self.draft.propose(s.handle, s.ids, k)[:k] if k > 0 else [])
+        fed = [[s.ids[-1], *d] for s, d in zip(rows, drafts, strict=True)]
+        cache = self.pool.view(0, len(rows), [s.cached for s in rows])
+        runner = runner_for(self.model, self._fast, fed, cache)
+        hidden = hidden_states(runner, fed, self.device, cache)  # (B, 1 + max k, C)
+        steps = []
+        for s, d, h in zip(rows, drafts, hidden, strict=True):
+            for j in range(len(d) + 1):  # the output head only for the positions reached
+                z = self.model.logits(h[j : j + 1])  # (1, V)
+                (t,), (lp,), (top,) = choose([s.params], [s.seen], [s.gen], z)
+                step = s.text.step(t, lp, top, s.params, ctx)
+                s.ids.append(t)
+                s.cached = len(s.ids) - 1  # the fed tokens before t: all kept
+                steps.append(step)
+                if step.finish_reason is not None:
+                    self._remove(s)
+                    break
+                if j == len(d) or t != d[j]:
+                    break
         return steps
 
     def _prefill(self, seqs: list[_Seq], timing: Timing) -> Tensor:
@@ -427,9 +480,10 @@ class Engine:
 
     def _logits(self, rows: list[list[int]], cache: KVCache | None = None) -> Tensor:
         """Each row's last logits (B, V): decode (a few tokens per row) on the FastDecoder if
-        there is one, prefill and uncached runs on the model (decode.last_logits)."""
-        fast = cache is not None and self._fast is not None and max(map(len, rows)) <= FAST_TOKENS
-        return last_logits(self._fast if fast else self.model, rows, self.device, cache)
+        there is one, prefill and uncached runs on the model."""
+        return last_logits(
+            runner_for(self.model, self._fast, rows, cache), rows, self.device, cache
+        )
 
     def _reuse(self, seq: _Seq, row: int) -> int:
         """Copy the prefix a Session's cache shares with the prompt into `row`; its length."""
