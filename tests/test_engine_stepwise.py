@@ -334,3 +334,27 @@ def test_session_in_a_batch_with_others_and_cancelled_mid_turn(tiny):
     assert again.ids == [s.id for s in alone(tiny, turn3, params)]
     assert again.timing.prefill_tokens == 1
     assert engine.kv_bytes_used == 0
+
+
+def test_releasing_short_sequences_does_not_reallocate_the_pool_each_time(monkeypatch):
+    # The shrink rule compared the buffer (rounded up to CHUNK tokens) with the unrounded need:
+    # under CHUNK / 2 tokens a reservation looked like less than half of its own buffer, so every
+    # release reallocated and copied the whole pool (quadratic over many short sequences).
+    from pellucid.infer import kv_pool
+
+    cfg = replace(PRESETS["tiny"], context_len=256)
+    pool = kv_pool.KVPool(
+        cfg, budget_bytes=1 << 30, device=torch.device("cpu"), dtype=torch.float32
+    )
+    for h in range(8):
+        pool.reserve(h, 10)
+        pool.place(h)
+    resizes = []
+    real = pool._resize
+    monkeypatch.setattr(pool, "_resize", lambda *a: (resizes.append(a), real(*a)))
+    for h in range(4):  # half of them leave: the buffer is not over twice what remains
+        pool.release(h)
+    assert resizes == []
+    for h in range(4, 8):
+        pool.release(h)
+    assert pool.nbytes == 0  # and the last one frees it all

@@ -139,8 +139,14 @@ class KVPool:
         rows, length = self._need()
         if rows == 0:
             self.k, self.v, self._views = [], [], {}
-        elif self.nbytes > 2 * self._bytes(rows, length):
+        elif self.nbytes > 2 * self._bytes(rows, self._padded(length)):
+            # against the padded need: a short reservation would otherwise look like half of
+            # its own padded buffer, and every release of many short sequences would reallocate
             self._resize(rows, rows, length)
+
+    def _padded(self, length: int) -> int:
+        """`length` rounded up to a whole CHUNK, within the context."""
+        return min(self.cfg.context_len, -(-length // CHUNK) * CHUNK)
 
     # Buffers are made outside inference mode even from inside a step: inference tensors could
     # not be written again outside it (by a cancel, or by a Session's next turn).
@@ -148,7 +154,7 @@ class KVPool:
     def _resize(self, rows: int, min_rows: int, length: int) -> None:
         """Reallocate to `rows` rows (at least min_rows, fewer if the budget says so) of at least
         `length` tokens, rounded up to CHUNK within the budget; the placed rows are copied."""
-        padded = min(self.cfg.context_len, -(-length // CHUNK) * CHUNK)
+        padded = self._padded(length)
         if self._bytes(min_rows, padded) <= self.budget:
             length = padded
         rows = max(min_rows, min(rows, self.budget // self._bytes(1, length)))
