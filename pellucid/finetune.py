@@ -197,7 +197,7 @@ def _prepare_pairs(run: FinetuneRun) -> _Prepared:
         parts = reward.prepare(model, d, run.train)
     else:
         parts = dpo.prepare(model, loaded, d, run.train, run.dpo, ft.eval_max)
-    return _Prepared(model, *parts, meta, d.data, d.held_out, len(d.train))
+    return _Prepared(model, *parts, meta, d.data, d.held_out, len(d.train), d.n_dropped)
 
 
 def _prepare(run: FinetuneRun) -> _Prepared:

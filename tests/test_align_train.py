@@ -13,7 +13,7 @@ from pellucid import finetune
 from pellucid.align.dpo import AdaptersOff, make_reference, with_reference
 from pellucid.align.evaluate import reply_kl
 from pellucid.align.oracle import get_oracle
-from pellucid.align.pairs import oracle_pairs, sample_responses
+from pellucid.align.pairs import oracle_pairs, read_pair_data, sample_responses
 from pellucid.cli import main
 from pellucid.data.finetune import ExampleSampler, in_order
 from pellucid.data.preferences import (
@@ -23,6 +23,7 @@ from pellucid.data.preferences import (
     collate_pairs,
     encode_pairs,
     write_pairs,
+    write_prompts,
 )
 from pellucid.model.lora import apply_lora
 from pellucid.model.transformer import Transformer
@@ -224,6 +225,24 @@ def _align_run(files, out, task, *extra, lora=True, data="pairs.jsonl"):
         task, str(files / "base"), str(files / data), lora=lora, assignments=[*QUIET, *extra]
     )
     return finetune.finetune(run, out)
+
+
+def test_pairs_of_held_out_prompts_are_dropped_and_counted(files, tmp_path):
+    # the count reaches the run's report: a merge once left it out and every reward/DPO run
+    # failed building the run (_Prepared missing n_dropped)
+    pairs = parity_pairs(160, seed=0)
+    held = tmp_path / "held_prompts.jsonl"
+    write_prompts(held, [PromptRow(p.prompt) for p in pairs[:3]])
+    loaded = load(files / "base")
+    d = read_pair_data(str(files / "pairs.jsonl"), str(held), held_pairs=False, val_fraction=0.1,
+                       seed=0, tokenizer=loaded.tokenizer, template=loaded.chat_template(),
+                       max_len=128)  # fmt: skip
+    assert d.n_dropped == 3 and len(d.train) + len(d.val) == 157
+    assert [r.prompt for r in d.held_rows] == [p.prompt for p in pairs[:3]]
+    prep = finetune._prepare(finetune.load_finetune_config(
+        "dpo", str(files / "base"), str(files / "pairs.jsonl"), lora=True,
+        assignments=[*QUIET, f"finetune.eval_data={held}", "dpo.oracle=words"]))  # fmt: skip
+    assert prep.n_dropped == 3 and prep.n_train == len(d.train)
 
 
 @pytest.mark.slow

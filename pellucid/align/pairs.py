@@ -123,6 +123,7 @@ class PairData:
     train: list[EncodedPair]
     val: list[EncodedPair]  # the held-out pairs file, else the validation prompts' pairs
     held_rows: list[PromptRow] = field(default_factory=list)  # held-out prompts (not pairs)
+    n_dropped: int = 0  # --data pairs dropped because their prompt is held out
 
 
 def read_pair_data(
@@ -162,6 +163,7 @@ def read_pair_data(
         encode(train),
         encode(val),
         [] if held_pairs else held,
+        dropped,
     )
 
 
