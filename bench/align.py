@@ -60,6 +60,12 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--rm-lr", type=float, default=1e-3)
     ap.add_argument("--dpo-lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--precompute-ref",
+        default="true",
+        help="dpo.precompute_ref: reference "
+        "log-probs of every training pair once (false: per step, cheaper for few steps)",
+    )
     ap.add_argument("--phases", default="reward,dpo", help="which of reward, dpo to run")
     ap.add_argument("--tag", default="", help="suffix of the run directories (another setting)")
     ap.add_argument(
@@ -161,7 +167,7 @@ def main() -> None:
             f"finetune.eval_data={out / 'held_prompts.jsonl'}",
             f"finetune.eval_max={args.held_prompts}",
             f"dpo.max_new_tokens={args.max_new_tokens}",
-            "dpo.precompute_ref=true",
+            f"dpo.precompute_ref={args.precompute_ref}",
             "train.eval_every=40",
         ])  # fmt: skip
     result = {"args": vars(args), "phases": phases, "reward": rm, "dpo": dpo}
