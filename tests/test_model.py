@@ -172,6 +172,24 @@ def test_num_params_and_flops_by_hand():
     assert untied.flops_per_token() == model.flops_per_token()
 
 
+def test_frozen_weights_cost_four_flops_not_six():
+    # A LoRA run's frozen base needs no weight gradient: counting it at 6N put fine-tuning MFU
+    # above 100% ("MFU 122.6%" in a LoRA SFT log).
+    cfg = ModelConfig(**SMALL, n_kv_head=2, mlp="swiglu", ffn_dim=64, qk_norm=True)
+    model = Transformer(cfg)
+    full = model.flops_per_token()
+    frozen = 0
+    for block in model.blocks[:1]:
+        for p in block.parameters():
+            p.requires_grad_(False)
+            frozen += p.numel()
+    assert model.flops_per_token() == full - 2 * frozen
+    untied = Transformer(dataclasses.replace(cfg, tie_embeddings=False, pos="learned"))
+    before = untied.flops_per_token()
+    untied.tok_emb.weight.requires_grad_(False)  # a lookup table: never counted, frozen or not
+    assert untied.flops_per_token() == before
+
+
 def test_gpt2_flops_match_nanogpt():
     """nanoGPT's estimate for GPT-2 124M at T=1024: 6 * 123.69M + 12 * 12 * 12 * 64 * 1024."""
     with torch.device("meta"):

@@ -215,12 +215,22 @@ class Transformer(nn.Module):
         matmul is real work). This is nanoGPT's count for GPT-2. The second term is attention
         (QK^T and weights @ V) over T = context_len (default: the config's) keys, without
         discounting the causal mask.
+
+        Frozen weights (a LoRA run's base, a classifier's frozen blocks) need no weight gradient:
+        4 FLOPs per weight and token instead of 6 (an upper bound for layers that no gradient
+        flows back through at all), so a fine-tuning run's MFU is not inflated past 100%.
         """
         cfg = self.cfg
         T = cfg.context_len if context_len is None else context_len
         lookups = self._pos_params() + (0 if cfg.tie_embeddings else self.tok_emb.weight.numel())
         N = self.num_params() - lookups
-        return 6.0 * N + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        tables = {id(p) for p in self.pos_emb.parameters()} if self.pos_emb is not None else set()
+        if not cfg.tie_embeddings:
+            tables.add(id(self.tok_emb.weight))
+        frozen = sum(
+            p.numel() for p in self.parameters() if not p.requires_grad and id(p) not in tables
+        )
+        return 6.0 * N - 2.0 * frozen + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
     def _pos_params(self) -> int:
         return sum(p.numel() for p in self.pos_emb.parameters()) if self.pos_emb is not None else 0
