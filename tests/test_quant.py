@@ -1,6 +1,7 @@
 """Weight-only quantization: packing, the numba kernels, and the quality guard on SmolLM2."""
 
 import dataclasses
+import logging
 import math
 
 import gguf
@@ -272,3 +273,21 @@ def test_quality_guard_on_smollm2(real_home):
             assert top2[0] - top2[1] < 0.5, (
                 f"{mode} differs at a clear fp32 choice: {prompt!r} step {i}"
             )
+
+
+def test_weights_changed_after_loading_run_as_q8_and_are_reported_in_one_line(tmp_path, caplog):
+    # A merged LoRA adapter changes every matrix: the log once held one line per matrix (210
+    # for SmolLM2) before the first token.
+    from pellucid.weights.gguf import load_gguf
+
+    _write(tmp_path / "m.gguf", _reference_weights(), gguf.GGMLQuantizationType.Q4_0)
+    model = load_gguf(tmp_path / "m.gguf").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("blocks.") and p.dim() == 2:
+                p.add_(0.01)
+    with caplog.at_level(logging.INFO, logger="pellucid"):
+        modes = _modes(quantize_model(model, "auto"))
+    changed = [r for r in caplog.records if "changed after loading" in r.getMessage()]
+    assert len(changed) == 1 and changed[0].getMessage().endswith(", ...")
+    assert {m for n, m in modes.items() if n.startswith("blocks.")} == {"q8"}

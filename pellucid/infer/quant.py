@@ -240,8 +240,11 @@ FUSE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # --- choosing each matrix's format ----------------------------------------------------------------
 
 
-def _choice(name: str, linear: nn.Linear, mode: str, blocks: dict) -> tuple[str, tuple | None]:
-    """(format, the file's kernel form or None) for one matrix under `mode`."""
+def _choice(
+    name: str, linear: nn.Linear, mode: str, blocks: dict, changed: list[str]
+) -> tuple[str, tuple | None]:
+    """(format, the file's kernel form or None) for one matrix under `mode`; a matrix whose
+    weights no longer equal the file's blocks is added to `changed`."""
     if mode == "q4" and name == "lm_head":
         # The output head stays 8-bit in q4 mode, as llama.cpp's Q4 files keep it at 6-8 bits:
         # its errors go straight into the logits, and 4 bits there flipped greedy tokens.
@@ -256,9 +259,7 @@ def _choice(name: str, linear: nn.Linear, mode: str, blocks: dict) -> tuple[str,
         mat = from_file(kind, found.arrays())
         if torch.equal(dequantize(mat), linear.weight.detach().float()):
             return kind, mat
-        log.info(
-            "%s differs from the file's %s blocks (changed after loading): q8", name, found.qtype
-        )
+        changed.append(name)
     return ("q8", None) if linear.in_features % BLOCK == 0 else ("f32", None)
 
 
@@ -287,7 +288,7 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     if mode == "fp32" or (mode == "auto" and not on_cpu):
         return model
     keep_dense = _dense_fits(model)
-    chosen = Counter()
+    chosen, changed = Counter(), []
     for parent_name, parent in list(model.named_modules()):
         groups = [
             g for g in FUSE if all(isinstance(getattr(parent, n, None), nn.Linear) for n in g)
@@ -300,7 +301,7 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         for names in groups + singles:
             parts = [getattr(parent, n) for n in names]
             full = [f"{parent_name}.{n}" if parent_name else n for n in names]
-            picks = [_choice(f, p, mode, blocks) for f, p in zip(full, parts, strict=True)]
+            picks = [_choice(f, p, mode, blocks, changed) for f, p in zip(full, parts, strict=True)]
             kinds = {k for k, _ in picks}
             # one fused matrix has one format: parts stored differently run exactly, as f32
             kind, mats = (
@@ -315,6 +316,12 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
             for n, p in zip(names, parts, strict=True):
                 setattr(parent, n, FusedPart(fused, start, start + p.out_features))
                 start += p.out_features
+    if changed:  # one line, not one per matrix: a merged LoRA adapter changes them all
+        log.info(
+            "%d matrices differ from the file's blocks (changed after loading, as by a merged "
+            "adapter), so they run as 8-bit blocks: %s%s",
+            len(changed), ", ".join(changed[:3]), ", ..." if len(changed) > 3 else "",
+        )  # fmt: skip
     log.info(
         "decoding (%s) with %s matrices",
         mode,
