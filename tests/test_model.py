@@ -172,7 +172,7 @@ def test_num_params_and_flops_by_hand():
     assert untied.flops_per_token() == model.flops_per_token()
 
 
-def test_frozen_weights_cost_four_flops_not_six():
+def test_frozen_weights_cost_four_flops_or_two_not_six():
     # A LoRA run's frozen base needs no weight gradient: counting it at 6N put fine-tuning MFU
     # above 100% ("MFU 122.6%" in a LoRA SFT log).
     cfg = ModelConfig(**SMALL, n_kv_head=2, mlp="swiglu", ffn_dim=64, qk_norm=True)
@@ -183,7 +183,22 @@ def test_frozen_weights_cost_four_flops_not_six():
         for p in block.parameters():
             p.requires_grad_(False)
             frozen += p.numel()
-    assert model.flops_per_token() == full - 2 * frozen
+    assert model.flops_per_token() == full - 2 * frozen  # the embedding trains: gradient flows
+    # Only the last of the 2 blocks trains (as a classifier's --train-last 1): the first block is
+    # forward only (2 FLOPs per weight and a third of its attention), the frozen norm and tied
+    # head above it still pass a gradient down (4 per weight).
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.blocks[-1].parameters():
+        p.requires_grad_(True)
+    first = sum(p.numel() for p in model.blocks[0].parameters())
+    rest = (
+        sum(p.numel() for p in model.parameters())
+        - first
+        - sum(p.numel() for p in model.blocks[-1].parameters())
+    )
+    attention = 12 * 4 * 8 * 24  # 12 H D T
+    assert model.flops_per_token() == full - 4 * first - attention * 2 / 3 - 2 * rest
     untied = Transformer(dataclasses.replace(cfg, tie_embeddings=False, pos="learned"))
     before = untied.flops_per_token()
     untied.tok_emb.weight.requires_grad_(False)  # a lookup table: never counted, frozen or not

@@ -216,21 +216,29 @@ class Transformer(nn.Module):
         (QK^T and weights @ V) over T = context_len (default: the config's) keys, without
         discounting the causal mask.
 
-        Frozen weights (a LoRA run's base, a classifier's frozen blocks) need no weight gradient:
-        4 FLOPs per weight and token instead of 6 (an upper bound for layers that no gradient
-        flows back through at all), so a fine-tuning run's MFU is not inflated past 100%.
+        Frozen weights (a LoRA run's base, a classifier's frozen blocks) need no weight
+        gradient: 4 FLOPs per weight and token where a gradient still flows through their block
+        to a trainable weight below, 2 (the forward alone, attention included) where none does.
+        Without this a LoRA or classifier run logged MFU above 100%.
         """
         cfg = self.cfg
         T = cfg.context_len if context_len is None else context_len
         lookups = self._pos_params() + (0 if cfg.tie_embeddings else self.tok_emb.weight.numel())
         N = self.num_params() - lookups
-        tables = {id(p) for p in self.pos_emb.parameters()} if self.pos_emb is not None else set()
-        if not cfg.tie_embeddings:
-            tables.add(id(self.tok_emb.weight))
-        frozen = sum(
-            p.numel() for p in self.parameters() if not p.requires_grad and id(p) not in tables
+        attention = 12.0 * cfg.n_head * cfg.head_dim * T  # per layer: 4 forward, 8 backward
+        # A gradient flows through a block if anything at or below it trains (an embedding
+        # included); weights held outside nn.Parameter (quantized) are counted in N as before.
+        grad = self.tok_emb.weight.requires_grad or any(
+            p.requires_grad for p in (self.pos_emb.parameters() if self.pos_emb else ())
         )
-        return 6.0 * N - 2.0 * frozen + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        saved = 0.0
+        for part in [*self.blocks, nn.ModuleList([self.norm, self.lm_head])]:
+            params = list(part.parameters())
+            grad = grad or any(p.requires_grad for p in params)
+            saved += sum(p.numel() for p in params if not p.requires_grad) * (2.0 if grad else 4.0)
+            if not grad and isinstance(part, Block):
+                saved += attention * 2 / 3
+        return 6.0 * N + cfg.n_layer * attention - saved
 
     def _pos_params(self) -> int:
         return sum(p.numel() for p in self.pos_emb.parameters()) if self.pos_emb is not None else 0
