@@ -409,8 +409,9 @@ def test_explain_page_shows_heatmap_lens_and_probability_bars(page, live, loaded
     page.fill("#top-k", "5")
     page.fill("#temperature", "0.8")
     page.press("#temperature", "Tab")
+    # each change re-asks; wait for the answer to the last one (top-k's alone can come first)
+    page.wait_for_selector(".stage h3:has-text('Temperature 0.8')")
     page.wait_for_selector(".stage:has-text('top-k')")
-    page.wait_for_selector(".stage:nth-child(3)")
     assert page.locator(".stage").count() == 3
     titles = page.locator(".stage h3").all_inner_texts()
     assert [t.split(".")[0] for t in titles] == ["1", "2", "3"]
