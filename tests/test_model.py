@@ -199,6 +199,8 @@ def test_frozen_weights_cost_four_flops_or_two_not_six():
     )
     attention = 12 * 4 * 8 * 24  # 12 H D T
     assert model.flops_per_token() == full - 4 * first - attention * 2 / 3 - 2 * rest
+    # the forward is the forward whatever trains (explain reports it for a LoRA run's model too)
+    assert model.forward_flops_per_token() * 3 == full
     untied = Transformer(dataclasses.replace(cfg, tie_embeddings=False, pos="learned"))
     before = untied.flops_per_token()
     untied.tok_emb.weight.requires_grad_(False)  # a lookup table: never counted, frozen or not

@@ -254,7 +254,7 @@ def cost(model: Transformer, n_tokens: int) -> dict[str, Any]:
         "block_matrices": matrices,
         "n_layer": c.n_layer,
         "attention_flops_per_token": 4 * c.n_layer * H * D * n_tokens,  # QK^T and AV over T keys
-        "forward_flops_per_token": model.flops_per_token(n_tokens) / 3,  # 6N counts fwd + bwd
+        "forward_flops_per_token": model.forward_flops_per_token(n_tokens),
         "kv_cache_bytes_per_token": kv_bytes_per_token(model),
     }
 

@@ -207,14 +207,25 @@ class Transformer(nn.Module):
             n -= self.tok_emb.weight.numel() + self._pos_params()
         return n
 
-    def flops_per_token(self, context_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward), PaLM's estimate: 6N + 12 L H D T.
+    def forward_flops_per_token(self, context_len: int | None = None) -> float:
+        """Forward FLOPs per token: 2N + 4 L H D T, whatever trains (a third of flops_per_token
+        when everything does).
 
         N counts the parameters that take part in matmuls: all of them except lookup tables
         (the position table, and the token table unless it is tied to the output head, whose
         matmul is real work). This is nanoGPT's count for GPT-2. The second term is attention
         (QK^T and weights @ V) over T = context_len (default: the config's) keys, without
         discounting the causal mask.
+        """
+        cfg = self.cfg
+        T = cfg.context_len if context_len is None else context_len
+        lookups = self._pos_params() + (0 if cfg.tie_embeddings else self.tok_emb.weight.numel())
+        N = self.num_params() - lookups
+        return 2.0 * N + 4.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+    def flops_per_token(self, context_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM's estimate: 6N + 12 L H D T, three
+        times the forward (see forward_flops_per_token).
 
         Frozen weights (a LoRA run's base, a classifier's frozen blocks) need no weight
         gradient: 4 FLOPs per weight and token where a gradient still flows through their block
@@ -223,11 +234,9 @@ class Transformer(nn.Module):
         """
         cfg = self.cfg
         T = cfg.context_len if context_len is None else context_len
-        lookups = self._pos_params() + (0 if cfg.tie_embeddings else self.tok_emb.weight.numel())
-        N = self.num_params() - lookups
-        attention = 12.0 * cfg.n_head * cfg.head_dim * T  # per layer: 4 forward, 8 backward
+        backward_attention = 8.0 * cfg.n_head * cfg.head_dim * T  # per layer (forward: 4)
         # A gradient flows through a block if anything at or below it trains (an embedding
-        # included); weights held outside nn.Parameter (quantized) are counted in N as before.
+        # included); weights held outside nn.Parameter (quantized) count fully, as in N.
         grad = self.tok_emb.weight.requires_grad or any(
             p.requires_grad for p in (self.pos_emb.parameters() if self.pos_emb else ())
         )
@@ -237,8 +246,8 @@ class Transformer(nn.Module):
             grad = grad or any(p.requires_grad for p in params)
             saved += sum(p.numel() for p in params if not p.requires_grad) * (2.0 if grad else 4.0)
             if not grad and isinstance(part, Block):
-                saved += attention * 2 / 3
-        return 6.0 * N + cfg.n_layer * attention - saved
+                saved += backward_attention
+        return 3.0 * self.forward_flops_per_token(T) - saved
 
     def _pos_params(self) -> int:
         return sum(p.numel() for p in self.pos_emb.parameters()) if self.pos_emb is not None else 0
