@@ -8,7 +8,7 @@ import torch
 
 from pellucid.errors import PellucidError
 from pellucid.infer import kernels
-from pellucid.infer.decode import FastDecoder
+from pellucid.infer.decode import FAST_PREFILL, FastDecoder, runner_for
 from pellucid.infer.engine import Engine
 from pellucid.infer.quant import dequantize, pack, quantize_model
 from pellucid.infer.sampling import SamplingParams
@@ -87,6 +87,19 @@ def test_fast_decoder_only_takes_what_it_runs():
     gpt2 = {"pos": "learned", "norm": "layernorm", "mlp": "gelu"}
     assert FastDecoder.build(_model("q8", **gpt2)) is None
     assert FastDecoder.build(_model("q8", bias=True)) is None
+
+
+def test_decode_steps_and_short_prefills_run_on_the_fast_path_long_prefills_on_the_model():
+    model = _model("q8")
+    fast, cache = FastDecoder.build(model), KVCache(model.cfg, 4, 8)
+    short, long = [1] * FAST_PREFILL, [1] * (FAST_PREFILL + 1)
+    assert runner_for(model, fast, [short], cache) is fast  # a chat prompt's prefill
+    assert runner_for(model, fast, [[1]] * 32, cache) is fast  # a decode step of 32 rows
+    assert runner_for(model, fast, [[1] * 5] * 32, cache) is fast  # ... each with 4 draft tokens
+    assert runner_for(model, fast, [long], cache) is model
+    assert runner_for(model, fast, [short[:40]] * 2, cache) is model
+    assert runner_for(model, fast, [short], None) is model  # uncached: the whole sequence again
+    assert runner_for(model, None, [[1]], cache) is model
 
 
 def test_fast_decoder_refuses_to_run_past_the_cache():

@@ -12,12 +12,16 @@ import ipaddress
 import os
 import socket
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pellucid.cli.common import add_model, add_quant, load
 from pellucid.errors import ConfigError
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+T = TypeVar("T")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -120,27 +124,56 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def in_passing_thread(fn: Callable[[], T]) -> T:
+    """fn() run in a new thread that ends with it; its result, or its exception re-raised.
+
+    Why: OpenMP (torch's and the numba kernels' thread pools) keeps a pool for every thread
+    that ever ran a parallel region, until that thread exits. Loading a model in the main thread
+    leaves it one, and with two pools alive (the main thread's and the engine's worker's)
+    libgomp counts more threads than cores and stops spinning between parallel regions: every
+    one of the decode step's ~150 kernel launches then waits for a sleeping thread to wake, and
+    one stream served at 45 tokens/s where `pellucid generate` ran at 137 (bench/RESULTS.md).
+    Loading here leaves the worker the only thread with a pool.
+    """
+    out: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # handed to the caller's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=run, name="pellucid-load", daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pellucid.serve.app import create_app
 
     hosts = check_exposure(args)
-    loaded = load(args)
     budget = None if args.kv_budget_mb is None else args.kv_budget_mb << 20
     name = args.served_model_name or served_name(args.model)
-    app = create_app(
-        loaded,
-        model_name=name,
-        api_key=args.api_key or None,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        request_timeout_s=args.request_timeout,
-        cors_origins=args.cors_origin,
-        allowed_hosts=hosts,
-        max_body_bytes=args.max_body_bytes,
-        log_prompts=args.log_prompts,
-        kv_budget_bytes=budget,
+    app = in_passing_thread(
+        lambda: create_app(
+            load(args),
+            model_name=name,
+            api_key=args.api_key or None,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            request_timeout_s=args.request_timeout,
+            cors_origins=args.cors_origin,
+            allowed_hosts=hosts,
+            max_body_bytes=args.max_body_bytes,
+            log_prompts=args.log_prompts,
+            kv_budget_bytes=budget,
+        )
     )
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]

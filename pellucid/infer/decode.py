@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from pellucid.model.kv_cache import KVCache
 
 FAST_TOKENS = 16  # new tokens per row up to which the FastDecoder runs (decode, draft checks)
+# ... or new tokens in all, up to which it runs a prefill: on SmolLM2 Q4_1 (AMD EPYC, 2 cores)
+# its kernels prefill ~450 tokens/s at any length, the model's forward 255 at 32 tokens and
+# 450 at 96 (bench/RESULTS.md, issue 11): a chat prompt's first token comes sooner.
+FAST_PREFILL = 64
 _NONE = np.zeros(0, np.float32)  # "no QK-norm" for the kernels
 
 
@@ -132,9 +136,10 @@ def _fused(*parts: nn.Module) -> tuple | None:
 def runner_for(
     model: nn.Module, fast: FastDecoder | None, rows: list[list[int]], cache: KVCache | None
 ) -> nn.Module | FastDecoder:
-    """What runs these rows: the FastDecoder (if there is one) for a few tokens per row over a
-    cache (decode, draft checks), the model for prefill and uncached runs."""
-    few = cache is not None and max(map(len, rows)) <= FAST_TOKENS
+    """What runs these rows: the FastDecoder (if there is one) over a cache for a few tokens per
+    row (decode, draft checks) or a short prefill, the model for long prefills and uncached runs."""
+    lengths = list(map(len, rows))
+    few = cache is not None and (max(lengths) <= FAST_TOKENS or sum(lengths) <= FAST_PREFILL)
     return fast if few and fast is not None else model
 
 
