@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pellucid.errors import PellucidError, WeightsFormatError
 from pellucid.model.config import PRESETS, ModelConfig
 from pellucid.model.layers import Trace, apply_rope, rope_tables
-from pellucid.model.transformer import Transformer
+from pellucid.model.transformer import Transformer, eval_mode
 
 SMALL = {"vocab_size": 50, "context_len": 24, "n_layer": 2, "n_head": 4, "n_embd": 32}
 
@@ -298,3 +298,13 @@ def test_bfloat16_autocast_still_gives_float32_logits():
         logits = model(ids)
     assert logits.dtype == torch.float32
     assert (logits.argmax(-1) == model(ids).argmax(-1)).float().mean() > 0.8
+
+
+def test_eval_mode_turns_dropout_off_inside_and_restores_the_mode_even_on_an_error():
+    model = Transformer(PRESETS["tiny"])
+    for mode in (True, False):
+        model.train(mode)
+        with pytest.raises(KeyError), eval_mode(model) as m:
+            assert m is model and not any(x.training for x in model.modules())
+            raise KeyError("an error inside")
+        assert all(x.training == mode for x in model.modules())

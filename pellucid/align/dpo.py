@@ -35,6 +35,7 @@ from pellucid.data.finetune import ExampleSampler, in_order
 from pellucid.data.preferences import EncodedPair, collate_pairs
 from pellucid.errors import ConfigError, PellucidError
 from pellucid.model.lora import adapters_disabled, lora_layers
+from pellucid.model.transformer import eval_mode
 from pellucid.train.objectives import completion_logprobs, dpo_loss
 from pellucid.train.trainer import TrainConfig
 
@@ -77,13 +78,8 @@ class AdaptersOff:
     @contextlib.contextmanager
     def active(self) -> Iterator[nn.Module]:
         """Inside the block, `self.model` computes the base model."""
-        was = self.model.training
-        self.model.train(False)
-        try:
-            with adapters_disabled(self.model):
-                yield self.model
-        finally:
-            self.model.train(was)
+        with eval_mode(self.model), adapters_disabled(self.model):
+            yield self.model
 
     def forward_hidden(self, ids: Tensor, **kwargs: Any) -> Tensor:
         with self.active() as base:

@@ -23,6 +23,7 @@ from pellucid.align.oracle import Oracle, win_rate
 from pellucid.align.pairs import conversation
 from pellucid.data.finetune import encode_lm, in_order
 from pellucid.data.preferences import PromptRow, collate_rows, reply_record
+from pellucid.model.transformer import eval_mode
 from pellucid.train.evaluate import greedy_answers
 from pellucid.train.objectives import reply_logprobs
 
@@ -64,17 +65,13 @@ def reply_kl(
     encoded = encode_lm(records, template, tokenizer, policy.cfg.context_len - 1, truncate=True)
     device = next(policy.parameters()).device
     total, tokens = 0.0, 0
-    was = policy.training
-    policy.eval()
-    try:
+    with eval_mode(policy):
         for batch in in_order(encoded, batch_size, collate_rows):
             b = batch.to(device)
             lp = reply_logprobs(policy, b.inputs, b.targets)  # (N, V)
             lq = reply_logprobs(reference, b.inputs, b.targets)
             total += (lp.exp() * (lp - lq)).sum().item()
             tokens += lp.shape[0]
-    finally:
-        policy.train(was)
     return {"kl": total / max(len(encoded), 1), "kl_per_token": total / max(tokens, 1)}
 
 

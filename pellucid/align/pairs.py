@@ -42,6 +42,7 @@ from pellucid.data.preferences import (
 )
 from pellucid.files import atomic_write, read_json
 from pellucid.infer.sampling import SamplingParams
+from pellucid.model.transformer import eval_mode
 from pellucid.train.evaluate import replies
 from pellucid.train.objectives import Objective
 
@@ -176,16 +177,11 @@ def pair_metrics(
         return {}
     device = next(model.parameters()).device
     total: dict[str, float] = {"loss": 0.0}
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in in_order(pairs, batch_size, collate_pairs):
-                out = objective(model, batch.to(device))
-                total["loss"] += out.loss_sum.item()
-                for k, v in out.metrics.items():  # batch means, weighted by the batch's pairs
-                    total[k] = total.get(k, 0.0) + v * out.n_targets
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad():
+        for batch in in_order(pairs, batch_size, collate_pairs):
+            out = objective(model, batch.to(device))
+            total["loss"] += out.loss_sum.item()
+            for k, v in out.metrics.items():  # batch means, weighted by the batch's pairs
+                total[k] = total.get(k, 0.0) + v * out.n_targets
     n = len(pairs)
     return {"n": n, **{k: v / n if n else math.nan for k, v in total.items()}}

@@ -28,6 +28,7 @@ from pellucid.data.preferences import (
     reply_record,
 )
 from pellucid.errors import ConfigError
+from pellucid.model.transformer import eval_mode
 from pellucid.train.objectives import pairwise_reward_loss
 from pellucid.train.trainer import TrainConfig
 from pellucid.weights.resolve import load
@@ -81,15 +82,10 @@ def score_replies(
         raise ConfigError("a prompt fills the reward model's whole context; shorten it")
     device = next(rm.parameters()).device
     out = []
-    was = rm.training
-    rm.eval()
-    try:
-        with torch.no_grad():
-            for batch in in_order(encoded, batch_size, collate_rows):
-                b = batch.to(device)
-                out.append(rm.reward(b.inputs, segments=b.segments).float().cpu())
-    finally:
-        rm.train(was)
+    with eval_mode(rm), torch.no_grad():
+        for batch in in_order(encoded, batch_size, collate_rows):
+            b = batch.to(device)
+            out.append(rm.reward(b.inputs, segments=b.segments).float().cpu())
     return torch.cat(out)
 
 

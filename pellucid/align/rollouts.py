@@ -35,6 +35,7 @@ from pellucid.errors import ConfigError
 from pellucid.infer.conversation import stop_token_ids
 from pellucid.infer.engine import Engine
 from pellucid.infer.sampling import SamplingParams
+from pellucid.model.transformer import eval_mode
 from pellucid.train.objectives import IGNORE_INDEX, reply_terms
 
 if TYPE_CHECKING:
@@ -263,22 +264,17 @@ class Rollouts:
         cfg, policy = self.cfg, policy_of(self.model)
         head = self.model.head if cfg.algo == "ppo" else None
         device = next(self.model.parameters()).device
-        was = self.model.training
-        self.model.eval()
         parts: dict[str, list[Tensor]] = {"logp": [], "entropy": [], "values": [], "ref": []}
-        try:
-            with self.amp():
-                for i in range(0, len(inputs), self.batch_size):
-                    y = targets[i : i + self.batch_size]
-                    T = _length(y)  # this chunk's rows run only as far as its longest reply
-                    x, y = inputs[i : i + self.batch_size, :T].to(device), y[:, :T].to(device)
-                    logp, entropy, values = reply_terms(policy, x, y, head)
-                    ref_logp = reply_terms(self.reference, x, y)[0]
-                    keep = targets[i : i + self.batch_size] != IGNORE_INDEX
-                    for k, v in zip(parts, (logp, entropy, values, ref_logp), strict=True):
-                        parts[k].append(_spread(keep, v))
-        finally:
-            self.model.train(was)
+        with eval_mode(self.model), self.amp():
+            for i in range(0, len(inputs), self.batch_size):
+                y = targets[i : i + self.batch_size]
+                T = _length(y)  # this chunk's rows run only as far as its longest reply
+                x, y = inputs[i : i + self.batch_size, :T].to(device), y[:, :T].to(device)
+                logp, entropy, values = reply_terms(policy, x, y, head)
+                ref_logp = reply_terms(self.reference, x, y)[0]
+                keep = targets[i : i + self.batch_size] != IGNORE_INDEX
+                for k, v in zip(parts, (logp, entropy, values, ref_logp), strict=True):
+                    parts[k].append(_spread(keep, v))
         logp, entropy, values, ref = (torch.cat(parts[k]) for k in parts)
         mask = targets != IGNORE_INDEX
         kl = ppo.kl_per_token(logp, ref) * mask  # (N, T)

@@ -33,7 +33,7 @@ from pellucid.infer.sampling import (
     top_p_filter,
 )
 from pellucid.model.kv_cache import bytes_per_token
-from pellucid.model.transformer import Trace, Transformer
+from pellucid.model.transformer import Trace, Transformer, eval_mode
 from pellucid.tokenizer.bpe import valid_text
 
 if TYPE_CHECKING:
@@ -282,9 +282,7 @@ def explain(
         raise ConfigError(
             f"explain takes prompts of up to {min(MAX_TOKENS, model.cfg.context_len)} tokens; this one has {len(ids)}"
         )
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         trace = Trace()
         logits = model(torch.tensor([ids]), trace=trace)[0, -1]  # (V,)
         data = {
@@ -305,8 +303,6 @@ def explain(
         }
         if steps:
             data["steps"] = generation_steps(model, tokenizer, ids, params, steps)
-    finally:
-        model.train(was_training)
     return data
 
 

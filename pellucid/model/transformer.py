@@ -12,7 +12,8 @@ classifier heads reuse the trunk: forward(ids) == logits(forward_hidden(ids)).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -30,11 +31,22 @@ from pellucid.model.layers import (
     make_norm,
 )
 
-__all__ = ["Trace", "Transformer"]
+__all__ = ["Trace", "Transformer", "eval_mode"]
 
 # Linear layers whose outputs add into the residual stream: GPT-2 scales their init by
 # 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
 _RESIDUAL_PROJECTIONS = ("attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode (no dropout) inside the block, in its own mode again after it."""
+    was = model.training
+    model.train(False)
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 def segment_frame(segments: Tensor) -> tuple[Tensor, Tensor]:

@@ -24,6 +24,7 @@ from pellucid.data.tasks import normalize_answer
 from pellucid.infer.conversation import stop_token_ids
 from pellucid.infer.engine import Engine
 from pellucid.infer.sampling import SamplingParams
+from pellucid.model.transformer import eval_mode
 from pellucid.train.objectives import sft_loss
 from pellucid.train.trainer import evaluate_objective
 
@@ -35,12 +36,8 @@ if TYPE_CHECKING:
 
 def lm_metrics(model: nn.Module, examples: Sequence[Encoded], batch_size: int = 8) -> dict:
     """{"n", "loss" (nats per assistant token), "perplexity", "bits_per_byte"} over `examples`."""
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         loss, n_tokens = evaluate_objective(model, sft_loss, in_order(examples, batch_size, pad_lm))
-    finally:
-        model.train(was)
     n_bytes = sum(e.n_bytes for e in examples)
     return {
         "n": len(examples),
@@ -82,15 +79,10 @@ def class_metrics(
     """{"n", "accuracy", "macro_f1", "confusion"} of a Classifier over `examples`."""
     device = next(model.parameters()).device
     preds: list[int] = []
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in in_order(examples, batch_size, pad_text):
-                b = batch.to(device)
-                preds += model(b.inputs, segments=b.segments).argmax(-1).tolist()
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad():
+        for batch in in_order(examples, batch_size, pad_text):
+            b = batch.to(device)
+            preds += model(b.inputs, segments=b.segments).argmax(-1).tolist()
     truth = [e.label for e in examples]
     confusion = confusion_matrix(truth, preds, n_labels)
     correct = sum(t == p for t, p in zip(truth, preds, strict=True))
