@@ -376,9 +376,16 @@ def write_report(
     history: list[dict[str, float]], wall_s: float,
 ) -> None:  # fmt: skip
     """report.md: the parent model, the reward, held-out scores before and after, the time split."""
-    timed = [h for h in history if "update_s" in h] or history
-    split = {k: sum(h.get(k, 0.0) for h in timed) / max(len(timed), 1)
+    timed = [h for h in history if "update_s" in h]
+    split = {k: sum(h[k] for h in timed) / max(len(timed), 1)
              for k in ("rollout_s", "scoring_s", "update_s")}  # fmt: skip
+    per_iteration = (
+        f"- per iteration (mean of this session's {len(timed)}): rollout "
+        f"{split['rollout_s']:.1f} s, scoring {split['scoring_s']:.1f} s, update "
+        f"{split['update_s']:.1f} s"
+        if timed  # (a resumed run that had already finished runs none)
+        else "- per iteration: none ran in this session (the run had reached rl.iterations)"
+    )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     data = [Path(p) for p in (run.prompts, run.eval_prompts) if p]
     lines = [
@@ -398,8 +405,7 @@ def write_report(
         f"- config sha256: {config_hash(run)}; command: `{' '.join(sys.argv)}`",
         "",
         "## Compute",
-        f"- per iteration (this session's mean): rollout {split['rollout_s']:.1f} s, scoring "
-        f"{split['scoring_s']:.1f} s, update {split['update_s']:.1f} s",
+        per_iteration,
         f"- {wall_s:.0f} s wall time this session (with evaluation); peak memory {peak_mb:.0f} MB; "
         f"{torch.get_num_threads()} threads",
         "",

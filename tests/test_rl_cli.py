@@ -57,6 +57,10 @@ def test_rlhf_runs_and_resumes(base, tmp_path, capsys, algo):
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 17))
     assert [r["iteration"] for r in records[8:]] == [2] * 4 + [3] * 4
+    assert "per iteration (mean of this session's 2)" in (out / "report.md").read_text()
+    # Resuming a finished run trains nothing; its report says so (it said "rollout 0.0 s").
+    assert main(["rlhf", "--resume", str(out)]) == 0
+    assert "none ran in this session" in (out / "report.md").read_text()
 
 
 def test_task_reward_needs_answers(tmp_path):
