@@ -277,7 +277,15 @@ def test_a_stream_closed_mid_generation_frees_its_slot_within_a_second():
     app, _ = make_app(tiny_loaded(), delay=0.03, api_key=KEY)
     with LiveServer(app) as server:
         client = client_for(server)
-        stream = client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True)
+        # ignore_eos: a sampled end token after 2 tokens once ended the request before the check
+        # (a CI flake); 64 tokens at 0.03 s a step outlast the 3 chunks read.
+        stream = client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            stream=True,
+            max_tokens=64,
+            extra_body={"ignore_eos": True},
+        )
         it = iter(stream)
         for _ in range(3):
             next(it)
