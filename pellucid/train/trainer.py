@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from pellucid.errors import CheckpointError, ConfigError, TrainingError
+from pellucid.model.transformer import eval_mode
 from pellucid.train import distributed as dist
 from pellucid.train.distributed import World
 from pellucid.train.metrics import MetricsLog, ProgressBar, measure_peak_flops
@@ -466,12 +467,8 @@ def _evaluate(
     device: torch.device,
     amp_dtype: torch.dtype,
 ) -> dict[str, Any]:
-    model.eval()
-    try:
-        with torch.no_grad(), autocast(device, amp_dtype):
-            result = evaluate(forward)
-    finally:
-        model.train()
+    with eval_mode(model), torch.no_grad(), autocast(device, amp_dtype):
+        result = evaluate(forward)
     state.last_eval = dict(result)
     parts = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
     log.info("step %d: %s", state.step, parts)
