@@ -7,6 +7,9 @@ llama.cpp side by side, measured in one run.
     python bench/inference.py --quality              # + perplexity of each pellucid mode
     python bench/inference.py --threads 1 --cpu-time # CPU seconds, not wall: for a busy machine
     python bench/inference.py --breakdown            # + a batch-1 decode step: matrices vs the rest
+    python bench/inference.py --device cuda          # on a GPU: pellucid vs transformers, bf16
+    python bench/inference.py --weights random       # SmolLM2's shapes, seeded random weights:
+                                                     # speed only, where the file is not at hand
 
 For each system:
 - prefill tokens/s: a 512-token prompt to its first token (pellucid: Engine.complete with one new
@@ -21,17 +24,27 @@ reported. Achieved bandwidth = bytes of weights read per token x batch-1 tokens/
 machine's read bandwidth (summing a 1 GB array) measured in the same run. --cpu-time counts this
 process's CPU seconds instead of wall time: with one thread, a figure that other processes'
 load barely moves (the machine's memory and caches are still shared).
+
+On a GPU (--device cuda) both systems run the same weights in bf16 (--dtype), timed with the
+device synchronised; llama.cpp and the quantized modes are CPU rows. --weights random builds
+SmolLM2-135M's exact shapes (PRESETS["llama"] at its 8192 context) with seeded random weights and
+hands transformers the same tensors through a saved HF folder: decode and prefill speed do not
+depend on the weights' values (no end token stops a row: both run ignoring it), and it needs no
+model file, as on a lent GPU machine that reaches no registry.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import math
 import os
 import platform
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -42,36 +55,53 @@ from pellucid.data.sources import load_corpus
 from pellucid.infer.engine import Engine
 from pellucid.infer.quant import QuantLinear, quantize_model
 from pellucid.infer.sampling import SamplingParams
+from pellucid.model.config import PRESETS
+from pellucid.model.transformer import Transformer
 from pellucid.weights.gguf import load_gguf
+from pellucid.weights.hf import load_hf, save_hf
 from pellucid.weights.resolve import DEFAULT_MODEL, load
 
 clock = time.perf_counter
+sync = lambda: None  # noqa: E731  (torch.cuda.synchronize on a GPU: its work is asynchronous)
 
 
-def machine() -> str:
-    """CPU model and whether it has AMX, from lscpu."""
+def machine(device: torch.device) -> str:
+    """CPU model and whether it has AMX, from lscpu; and the GPU's name when running on one."""
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     fields = dict(ln.split(":", 1) for ln in out.splitlines() if ":" in ln)
     name = fields.get("Model name", "?").strip()
     amx = "amx" if "amx_tile" in fields.get("Flags", "") else "no AMX"
-    return f"{name} ({fields.get('CPU(s)', '?').strip()} CPUs, {amx})"
+    cpu = f"{name} ({fields.get('CPU(s)', '?').strip()} CPUs, {amx})"
+    return f"{torch.cuda.get_device_name(device)}, host {cpu}" if device.type == "cuda" else cpu
 
 
-def read_bandwidth() -> float:
-    """Bytes/s of reading a 1 GB float32 array (best of 5 sums)."""
-    x = torch.ones(256 * 1024 * 1024)
+def read_bandwidth(device: torch.device) -> float:
+    """Bytes/s of reading a 1 GB float32 array on the device (best of 5 sums)."""
+    x = torch.ones(256 * 1024 * 1024, device=device)
+    x.sum()
     best = math.inf
     for _ in range(5):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, timed(x.sum))
     return x.numel() * 4 / best
 
 
 def timed(fn) -> float:
     t = clock()
     fn()
+    sync()
     return clock() - t
+
+
+def random_smollm2(dtype: torch.dtype, device: torch.device) -> tuple[Transformer, torch.nn.Module]:
+    """SmolLM2-135M's shapes with seeded random weights: pellucid's model and transformers' model
+    of the same tensors (written once as an HF folder, read by both)."""
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(PRESETS["llama"], context_len=8192))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, tmp)
+        ours = load_hf(tmp, dtype=dtype, device=device).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
+    return ours, hf.to(device).eval()
 
 
 # --- the systems: prefill(ids) and generate(prompts, n) for each ------------------------------------
@@ -106,19 +136,19 @@ class Pellucid:
 
 
 class Transformers:
-    def __init__(self, path) -> None:
-        self.hf = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
-        ).eval()
+    def __init__(self, hf: torch.nn.Module) -> None:
+        self.hf = hf
 
     def prefill(self, ids: list[int]) -> float:
         with torch.inference_mode():
-            return timed(lambda: self.hf(torch.tensor([ids]), logits_to_keep=1))
+            x = torch.tensor([ids], device=self.hf.device)
+            return timed(lambda: self.hf(x, logits_to_keep=1))
 
     def decode(self, prompts: list[list[int]], n: int) -> float:
         width = max(map(len, prompts))  # left padding, as transformers wants for decoder-only
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        dev = self.hf.device
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
 
         def run(k: int) -> None:
             with torch.inference_mode():
@@ -230,51 +260,93 @@ def perplexity(model, ids: list[int], window: int = 1024) -> float:
     nll, count = 0.0, 0
     with torch.inference_mode():
         for i in range(0, len(ids) - 1, window):
-            x = torch.tensor([ids[i : i + window + 1]])
+            x = torch.tensor([ids[i : i + window + 1]], device=next(model.parameters()).device)
             logits = model(x[:, :-1])[0]
             nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             count += x.shape[1] - 1
     return math.exp(nll / count)
 
 
-def main() -> None:
-    global clock
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--new", type=int, default=64, help="new tokens per sequence when decoding")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--modes", default="auto", help="pellucid modes, comma-separated")
-    ap.add_argument("--llama-cpp", action="store_true", help="add llama.cpp (llama-cpp-python)")
-    ap.add_argument("--cpu-time", action="store_true", help="this process's CPU seconds (1 thread)")
-    ap.add_argument("--quality", action="store_true", help="perplexity on 100 KB of held-out text")
-    ap.add_argument("--breakdown", action="store_true", help="a decode step: matrices vs the rest")
-    args = ap.parse_args()
-    if args.cpu_time:
-        if args.threads != 1:
-            ap.error("--cpu-time counts CPU seconds of all threads: use it with --threads 1")
-        clock = time.process_time
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(args.threads)
-    loaded = load(DEFAULT_MODEL)
-    tok, path = loaded.tokenizer, loaded.source
-    text = "".join(d.text for d in load_corpus("shakespeare"))
-    long_prompt = tok.encode(text[:4000])[:512]
-    prompts = [tok.encode(text[i * 997 : i * 997 + 40 + 30 * i]) for i in range(8)]  # ragged
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    print(
-        f"SmolLM2-135M-Instruct ({path.name}) on {machine()}; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, numba {numba.__version__}, {args.threads} "
-        f"threads, {platform.machine()}, commit {commit.stdout.strip()}; "
-        f"{'CPU time' if args.cpu_time else 'wall time'}; load average {os.getloadavg()[0]:.1f}"
+def systems_for(args: argparse.Namespace, device: torch.device, path: Path | None, tok) -> dict:
+    """The systems to compare, by name: transformers first (the ratios' reference)."""
+    if device.type == "cuda" or args.weights == "random":
+        dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+        if args.weights == "random":
+            ours, hf = random_smollm2(dtype, device)
+        else:
+            ours = load_gguf(path).to(device, dtype).eval()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=dtype
+            )
+            hf = hf.to(device).eval()
+        label = str(dtype).removeprefix("torch.")
+        return {f"transformers {label}": Transformers(hf), f"pellucid {label}": Pellucid(ours, tok)}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
     )
-    bw = read_bandwidth()
-    print(f"memory read bandwidth: {bw / 1e9:.1f} GB/s")
-    systems = {"transformers fp32": Transformers(path)}
+    systems = {"transformers fp32": Transformers(hf.eval())}
     for mode in args.modes.split(","):
         name = "pellucid default (auto)" if mode == "auto" else f"pellucid {mode}"
         systems[name] = Pellucid(quantize_model(load_gguf(path).eval(), mode), tok)
     if args.llama_cpp:
         systems["llama.cpp"] = LlamaCpp(path, args.threads)
+    return systems
+
+
+def main() -> None:
+    global clock, sync
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new", type=int, default=64, help="new tokens per sequence when decoding")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default="auto", help="pellucid modes, comma-separated (CPU)")
+    ap.add_argument("--llama-cpp", action="store_true", help="add llama.cpp (llama-cpp-python)")
+    ap.add_argument("--cpu-time", action="store_true", help="this process's CPU seconds (1 thread)")
+    ap.add_argument("--quality", action="store_true", help="perplexity on 100 KB of held-out text")
+    ap.add_argument("--breakdown", action="store_true", help="a decode step: matrices vs the rest")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(GPU)")
+    ap.add_argument(
+        "--weights", default="gguf", choices=["gguf", "random"],
+        help="the shipped file, or its shapes with seeded random weights (speed only)",
+    )  # fmt: skip
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cpu_only = [args.llama_cpp, args.cpu_time, args.breakdown, args.modes != "auto"]
+    if device.type == "cuda" and any(cpu_only):
+        ap.error("--llama-cpp, --cpu-time, --breakdown and --modes are CPU measurements")
+    if args.weights == "random" and (args.quality or args.llama_cpp or args.modes != "auto"):
+        ap.error("--quality, --llama-cpp and --modes need the file's weights (--weights gguf)")
+    if args.cpu_time:
+        if args.threads != 1:
+            ap.error("--cpu-time counts CPU seconds of all threads: use it with --threads 1")
+        clock = time.process_time
+    if device.type == "cuda":
+        sync = torch.cuda.synchronize
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    if args.weights == "gguf":
+        loaded = load(DEFAULT_MODEL)
+        tok, path = loaded.tokenizer, loaded.source
+        text = "".join(d.text for d in load_corpus("shakespeare"))
+        long_prompt = tok.encode(text[:4000])[:512]
+        prompts = [tok.encode(text[i * 997 : i * 997 + 40 + 30 * i]) for i in range(8)]  # ragged
+        name = path.name
+    else:  # the same lengths as the text prompts give: 512, and 8 ragged ones of 10-60 tokens
+        tok, path, name = None, None, "SmolLM2-135M shapes, seeded random weights"
+        long_prompt = rng.integers(0, 49152, 512).tolist()
+        prompts = [rng.integers(0, 49152, 10 + 7 * i).tolist() for i in range(8)]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    print(
+        f"SmolLM2-135M-Instruct ({name}) on {machine(device)}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, numba {numba.__version__}, {args.threads} "
+        f"threads, {platform.machine()}, commit {commit.stdout.strip()}; "
+        f"{'CPU time' if args.cpu_time else 'wall time'}; load average {os.getloadavg()[0]:.1f}"
+    )
+    bw = read_bandwidth(device)
+    print(f"memory read bandwidth ({device.type}): {bw / 1e9:.1f} GB/s")
+    systems = systems_for(args, device, path, tok)
     results = {name: {"prefill": [], "b1": [], "b8": []} for name in systems}
     for s in systems.values():  # warm-up: compilation, caches, thread pools
         s.prefill(long_prompt[:64])
@@ -286,7 +358,7 @@ def main() -> None:
             r["b1"].append(args.new / s.decode(prompts[:1], args.new))
             r["b8"].append(8 * args.new / s.decode(prompts, args.new))
     med = {n: {k: sorted(v)[len(v) // 2] for k, v in r.items()} for n, r in results.items()}
-    hf, lc = med["transformers fp32"], med.get("llama.cpp")
+    hf, lc = next(v for n, v in med.items() if n.startswith("transformers")), med.get("llama.cpp")
     print(f"load average after: {os.getloadavg()[0]:.1f}\n")
     print(
         "| system | prefill 512 tok/s | decode b1 tok/s | decode b8 tok/s (aggregate) | b8 / b1 "
