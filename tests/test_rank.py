@@ -4,6 +4,7 @@ preference pairs (bad JSONL reported by line; A7's import half)."""
 
 import json
 import shutil
+import threading
 from dataclasses import replace
 
 import pytest
@@ -302,6 +303,29 @@ def rank_argv(folder, model, db, *extra):
         "8",
         *extra,
     ]
+
+
+def test_rank_loads_and_samples_in_a_thread_that_ends_before_the_page_is_served(
+    tmp_path, cli_files, monkeypatch
+):
+    """The main thread must not run the model: the OpenMP pool it would keep beside the serve
+    worker's made the page's chat decode at a third of the speed (cli/serve.py)."""
+    import uvicorn
+
+    import pellucid.cli.rank as cli_rank
+
+    folder, model = cli_files
+    runs, real_load = [], cli_rank.load
+    monkeypatch.setattr(
+        cli_rank, "load", lambda args: runs.append(threading.current_thread()) or real_load(args)
+    )
+    served = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.append(sockets))
+    assert main(rank_argv(folder, model, tmp_path / "p.sqlite", "--port", "0")) == 0
+    assert len(runs) == 1 and len(served) == 1
+    assert runs[0] is not threading.main_thread() and not runs[0].is_alive()
+    with Store(tmp_path / "p.sqlite") as store:  # the replies were sampled and saved
+        assert store.counts()["responses"] == 2 * 3
 
 
 def test_rank_with_an_oracle_then_export_from_the_command_line(tmp_path, cli_files, capsys):
