@@ -7,6 +7,7 @@
                                              # the GPU figure: bf16 autocast, against a bf16 peak
     python bench/train.py --dtype auto       # what train.dtype=auto picks here, and its speed
     python bench/train.py --cpu-time         # 1 thread, timed in CPU time: for a busy machine
+    python bench/train.py --profile          # + where 3 steps after warm-up spend their time
 
 MFU = model FLOPs per token (6N + 12 L H D T, nanoGPT's estimate) x tokens/s / peak, where the
 peak is measured in this process: the best fp32 1024^3 matmul on the CPU (bf16 4096^3 on CUDA).
@@ -23,6 +24,7 @@ figure: mark it so).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -62,6 +64,22 @@ def peak_flops(device: str, dtype: torch.dtype, cpu_time: bool) -> float:
     return max(matmul_flops(torch.device(device), dtype, 0.5, clock) for _ in range(2))
 
 
+def step_profiler(device: str, skip: int) -> torch.profiler.profile:
+    """A profiler that records 3 training steps after `skip` (warm-up and compilation); the
+    trainer's on_metrics callback advances it once per step."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    when = torch.profiler.schedule(wait=skip, warmup=1, active=3, repeat=1)
+    return torch.profiler.profile(activities=activities, schedule=when)
+
+
+def profile_table(prof: torch.profiler.profile, device: str, rows: int = 25) -> str:
+    """The ops that took the most time (device time on CUDA, CPU time on the CPU), per step."""
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def bench(
     name: str,
     cfg: ModelConfig,
@@ -71,6 +89,7 @@ def bench(
     dtype: str,
     compile: bool,
     cpu_time: bool = False,
+    profile: bool = False,
 ) -> dict:
     torch.manual_seed(0)
     model = Transformer(cfg)
@@ -82,11 +101,13 @@ def bench(
     )  # fmt: skip
     precision = resolve_precision(dtype, torch.device(device))
     before = peak_flops(device, precision.dtype, cpu_time)
-    with tempfile.TemporaryDirectory() as tmp:
+    prof = step_profiler(device, skip=max(1, steps // 3)) if profile else None
+    with tempfile.TemporaryDirectory() as tmp, prof or contextlib.nullcontext():
         if cpu_time:  # the trainer's step clock becomes this thread's CPU time
             trainer.time = types.SimpleNamespace(perf_counter=time.thread_time)
         try:
-            state = train(model, lm_loss, sampler, tcfg, Path(tmp))
+            on_metrics = (lambda _: prof.step()) if prof else None
+            state = train(model, lm_loss, sampler, tcfg, Path(tmp), on_metrics=on_metrics)
         finally:
             trainer.time = time
         records = read_metrics(Path(tmp) / "metrics.jsonl")
@@ -109,6 +130,7 @@ def bench(
         "precision": state.precision,
         "threads": torch.get_num_threads(),
         "clock": "thread CPU time" if cpu_time else "wall",
+        "profile": profile_table(prof, device) if prof else None,
     }
 
 
@@ -135,6 +157,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="6 steps per shape")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--cpu-time", action="store_true", help="1 thread, timed in thread CPU time")
+    p.add_argument("--profile", action="store_true", help="print the top ops of 3 timed steps")
     args = p.parse_args()  # fmt: skip
     if args.cpu_time:
         torch.set_num_threads(1)
@@ -148,14 +171,19 @@ def main() -> None:
         if args.context:
             cfg = dataclasses.replace(cfg, context_len=args.context)
         batch = args.batch or batch
-        r = bench(name, cfg, batch, steps, args.device, dtype, args.compile, args.cpu_time)
+        r = bench(
+            name, cfg, batch, steps, args.device, dtype, args.compile, args.cpu_time, args.profile
+        )
         print(
             f"{name:10s} {r['params'] / 1e6:6.2f}M params  batch {batch} x {cfg.context_len}  "
             f"{r['dtype']}  {r['tokens_per_s']:10,.0f} tok/s  MFU {100 * r['mfu']:5.1f}% "
             f"(of a measured {r['peak_tflops']:.3g} TFLOP/s {r['dtype']} matmul peak, "
             f"{r['clock']})"
         )
+        table = r.pop("profile")
         print(json.dumps(r))
+        if table:
+            print(f"where 3 steps went (after {max(1, steps // 3) + 1} untimed):\n{table}")
 
 
 if __name__ == "__main__":
