@@ -68,7 +68,26 @@ def _step_seed(seed: int, step: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-class WindowSampler:
+class SeededSteps:
+    """A sampler whose next batch is a function of (seed, step): those two are its whole position,
+    so a checkpoint stores `state()` and a resumed run draws the same batches."""
+
+    seed: int
+    step: int
+
+    def state(self) -> dict[str, int]:
+        """The sampler's position, JSON-able."""
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from a `state()`: the following batches equal those the saved sampler drew."""
+        seed, step = state.get("seed"), state.get("step")
+        if not (isinstance(seed, int) and isinstance(step, int) and step >= 0):
+            raise DataError(f"bad sampler state {state!r}: expected integers 'seed' and 'step'")
+        self.seed, self.step = seed, step
+
+
+class WindowSampler(SeededSteps):
     """An endless iterator of random-window batches over a 1-D token array, or a weighted mix.
 
     tokens: (N,) integer token ids (a memory-mapped shard, or a prepared dataset streamed from
@@ -156,17 +175,6 @@ class WindowSampler:
             )
         b = self.batch_size // world_size
         self.rows = slice(rank * b, (rank + 1) * b)
-
-    def state(self) -> dict[str, int]:
-        """The sampler's position, JSON-able: the next batch is a function of (seed, step)."""
-        return {"seed": self.seed, "step": self.step}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Continue from a `state()`: the following batches equal those the saved sampler drew."""
-        seed, step = state.get("seed"), state.get("step")
-        if not (isinstance(seed, int) and isinstance(step, int) and step >= 0):
-            raise DataError(f"bad sampler state {state!r}: expected integers 'seed' and 'step'")
-        self.seed, self.step = seed, step
 
 
 def eval_batches(

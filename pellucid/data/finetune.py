@@ -20,12 +20,12 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 from torch import Tensor
 
-from pellucid.data.batches import IGNORE_INDEX, Batch
+from pellucid.data.batches import IGNORE_INDEX, Batch, SeededSteps
 from pellucid.data.jsonl import Record
 from pellucid.errors import DataError, TokenizerError
 
@@ -234,7 +234,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-class ExampleSampler(Generic[T_]):
+class ExampleSampler(SeededSteps, Generic[T_]):
     """An endless iterator of batches over `items`, reshuffled (seeded) every epoch.
 
     Batch k holds the items at global positions k*B .. k*B + B - 1 of the concatenated epoch
@@ -277,17 +277,6 @@ class ExampleSampler(Generic[T_]):
             picked.append(self.items[self._order(i // N)[i % N]])
         self.step += 1
         return self.collate(picked)
-
-    def state(self) -> dict[str, int]:
-        """The sampler's position, JSON-able."""
-        return {"seed": self.seed, "step": self.step}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Continue from a `state()`."""
-        seed, step = state.get("seed"), state.get("step")
-        if not (isinstance(seed, int) and isinstance(step, int) and step >= 0):
-            raise DataError(f"bad sampler state {state!r}: expected integers 'seed' and 'step'")
-        self.seed, self.step = seed, step
 
 
 def in_order(
