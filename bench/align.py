@@ -52,6 +52,10 @@ def main() -> None:
     ap.add_argument("--oracle", default="words")
     ap.add_argument("--train-prompts", type=int, default=128)
     ap.add_argument("--held-prompts", type=int, default=48)
+    ap.add_argument(
+        "--held-seed", type=int, default=1,
+        help="seed of the held-out prompts; another seed (2) is a dev set to choose settings on",
+    )  # fmt: skip
     ap.add_argument("--k", type=int, default=4, help="replies sampled per training prompt")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--rm-steps", type=int, default=80)
@@ -96,11 +100,16 @@ def main() -> None:
     train_rows = make_prompts(oracle, args.train_prompts, seed=0)
     seen = {r.prompt for r in train_rows}
     held_rows = [
-        r for r in make_prompts(oracle, 2 * args.held_prompts, seed=1) if r.prompt not in seen
+        r
+        for r in make_prompts(oracle, 2 * args.held_prompts, seed=args.held_seed)
+        if r.prompt not in seen
     ]
     held_rows = held_rows[: args.held_prompts]
+    held_file = out / (
+        "held_prompts.jsonl" if args.held_seed == 1 else f"held_prompts-seed{args.held_seed}.jsonl"
+    )
     write_prompts(out / "train_prompts.jsonl", train_rows)
-    write_prompts(out / "held_prompts.jsonl", held_rows)
+    write_prompts(held_file, held_rows)
     phase("prompts", t0, train=len(train_rows), held=len(held_rows))
 
     # 2. sample K replies per prompt (cached)
@@ -168,7 +177,7 @@ def main() -> None:
             f"train.max_steps={args.dpo_steps}",
             f"dpo.beta={args.beta}",
             f"dpo.oracle={args.oracle}",
-            f"finetune.eval_data={out / 'held_prompts.jsonl'}",
+            f"finetune.eval_data={held_file}",
             f"finetune.eval_max={args.held_prompts}",
             f"dpo.max_new_tokens={args.max_new_tokens}",
             f"dpo.precompute_ref={args.precompute_ref}",
