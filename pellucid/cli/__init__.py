@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 unexpected error, 2 user error, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    # pellucid's own log at INFO; other libraries' (gguf's writer, ...) only from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("pellucid").setLevel(logging.INFO)
     try:
         return args.handler(args)
     except PellucidError as e:
