@@ -268,23 +268,22 @@ def perplexity(model, ids: list[int], window: int = 1024) -> float:
 
 
 def systems_for(args: argparse.Namespace, device: torch.device, path: Path | None, tok) -> dict:
-    """The systems to compare, by name: transformers first (the ratios' reference)."""
-    if device.type == "cuda" or args.weights == "random":
-        dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
-        if args.weights == "random":
-            ours, hf = random_smollm2(dtype, device)
-        else:
-            ours = load_gguf(path).to(device, dtype).eval()
-            hf = transformers.AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=dtype
-            )
-            hf = hf.to(device).eval()
-        label = str(dtype).removeprefix("torch.")
-        return {f"transformers {label}": Transformers(hf), f"pellucid {label}": Pellucid(ours, tok)}
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
-    systems = {"transformers fp32": Transformers(hf.eval())}
+    """The systems to compare, by name: transformers first (the ratios' reference). On a GPU or
+    with random weights, pellucid runs the same float weights; on the CPU with the file, each of
+    --modes (and llama.cpp with --llama-cpp)."""
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    label = "fp32" if dtype == torch.float32 else str(dtype).removeprefix("torch.")
+    if args.weights == "random":
+        ours, hf = random_smollm2(dtype, device)
+    else:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype
+        ).to(device)
+        ours = load_gguf(path).to(device, dtype) if device.type == "cuda" else None
+    systems = {f"transformers {label}": Transformers(hf.eval())}
+    if ours is not None:
+        systems[f"pellucid {label}"] = Pellucid(ours.eval(), tok)
+        return systems
     for mode in args.modes.split(","):
         name = "pellucid default (auto)" if mode == "auto" else f"pellucid {mode}"
         systems[name] = Pellucid(quantize_model(load_gguf(path).eval(), mode), tok)
@@ -325,7 +324,6 @@ def main() -> None:
         sync = torch.cuda.synchronize
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
-    rng = np.random.default_rng(0)
     if args.weights == "gguf":
         loaded = load(DEFAULT_MODEL)
         tok, path = loaded.tokenizer, loaded.source
@@ -335,6 +333,7 @@ def main() -> None:
         name = path.name
     else:  # the same lengths as the text prompts give: 512, and 8 ragged ones of 10-60 tokens
         tok, path, name = None, None, "SmolLM2-135M shapes, seeded random weights"
+        rng = np.random.default_rng(0)
         long_prompt = rng.integers(0, 49152, 512).tolist()
         prompts = [rng.integers(0, 49152, 10 + 7 * i).tolist() for i in range(8)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)

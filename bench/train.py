@@ -75,7 +75,8 @@ def step_profiler(device: str, skip: int) -> torch.profiler.profile:
 
 
 def profile_table(prof: torch.profiler.profile, device: str, rows: int = 25) -> str:
-    """The ops that took the most time (device time on CUDA, CPU time on the CPU), per step."""
+    """The ops that took the most time over the recorded steps (device time on CUDA, CPU time on
+    the CPU)."""
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
@@ -101,7 +102,8 @@ def bench(
     )  # fmt: skip
     precision = resolve_precision(dtype, torch.device(device))
     before = peak_flops(device, precision.dtype, cpu_time)
-    prof = step_profiler(device, skip=max(1, steps // 3)) if profile else None
+    skip = max(1, steps // 3)
+    prof = step_profiler(device, skip) if profile else None
     with tempfile.TemporaryDirectory() as tmp, prof or contextlib.nullcontext():
         if cpu_time:  # the trainer's step clock becomes this thread's CPU time
             trainer.time = types.SimpleNamespace(perf_counter=time.thread_time)
@@ -130,7 +132,11 @@ def bench(
         "precision": state.precision,
         "threads": torch.get_num_threads(),
         "clock": "thread CPU time" if cpu_time else "wall",
-        "profile": profile_table(prof, device) if prof else None,
+        "profile": (
+            f"where 3 steps went (after {skip + 1} untimed):\n{profile_table(prof, device)}"
+            if prof
+            else None
+        ),
     }
 
 
@@ -180,10 +186,10 @@ def main() -> None:
             f"(of a measured {r['peak_tflops']:.3g} TFLOP/s {r['dtype']} matmul peak, "
             f"{r['clock']})"
         )
-        table = r.pop("profile")
+        profiled = r.pop("profile")
         print(json.dumps(r))
-        if table:
-            print(f"where 3 steps went (after {max(1, steps // 3) + 1} untimed):\n{table}")
+        if profiled:
+            print(profiled)
 
 
 if __name__ == "__main__":
