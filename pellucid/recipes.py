@@ -41,7 +41,7 @@ from pellucid.model.transformer import Transformer
 from pellucid.tokenizer.bpe import Tokenizer
 from pellucid.tokenizer.formats import load_tokenizer
 from pellucid.train import distributed
-from pellucid.train.memory import check_fits, parameter_count
+from pellucid.train.memory import check_fits
 from pellucid.train.metrics import PLOT_FILE, measure_peak_flops, plot_curves, read_metrics
 from pellucid.train.objectives import lm_loss
 from pellucid.train.precision import resolve_dtype
@@ -351,15 +351,12 @@ def ladder(
     shards = build_shards(docs, tokenizer, run.data.val_fraction)
     cfg = LadderConfig(device=run.train.device, seed=run.train.seed)
     rungs = climb(shards, tokenizer, minutes, out, DEMO_PROMPTS, _SAMPLING, cfg, on_rung)
-    if run_dir is None:
+    if run_dir is None:  # train the demo's model, then score it as any existing run
         result = pretrain(run, out / "transformer")
-        model_cfg = dataclasses.replace(run.model, vocab_size=tokenizer.vocab_size)
-        top = Rung(
-            "transformer (the demo's)", "transformer", result.val_bpb, result.state.train_time_s,
-            parameter_count(model_cfg), result.samples, result.split,
-        )  # fmt: skip
+        run_dir, name, samples = out / "transformer", "transformer (the demo's)", result.samples
     else:
-        top = _scored_run(Path(run_dir), docs, run.data.val_fraction)
+        run_dir, name, samples = Path(run_dir), f"transformer ({Path(run_dir).name})", None
+    top = _scored_run(run_dir, docs, run.data.val_fraction, name, samples)
     rungs.append(top)
     if on_rung is not None:
         on_rung(top)
@@ -367,18 +364,25 @@ def ladder(
     return rungs
 
 
-def _scored_run(run_dir: Path, docs: list[Document], val_fraction: float) -> Rung:
-    """The transformer rung of an existing run: scored on the split, its training time read back."""
+def _scored_run(
+    run_dir: Path, docs: list[Document], val_fraction: float, name: str,
+    samples: list[tuple[str, str]] | None = None,
+) -> Rung:  # fmt: skip
+    """The transformer rung of a run: scored on the split, its training time read back.
+
+    Scored in float32, as the rungs below it train and score, whatever precision the run trained
+    in: under bf16 autocast the same weights score about 1e-4 bits per byte apart, and a ladder
+    scored twice must print one number. `samples`: the run's own, else sampled here.
+    """
     loaded = load_spec(run_dir)
     shards = build_shards(docs, loaded.tokenizer, val_fraction)
     cfg = TrainConfig(batch_size=16, eval_batches=0)
     bpb = _evaluator(shards, loaded.model.cfg.context_len, cfg)(loaded.model)["val_bpb"]
     state = read_json(checkpoint_folder(run_dir) / "state.json")["train_state"]
-    samples = generate_samples(loaded.model, loaded.tokenizer, DEMO_PROMPTS)
-    return Rung(
-        f"transformer ({run_dir.name})", "transformer", bpb, state["train_time_s"],
-        loaded.model.num_params(), samples, shards.meta["key"],
-    )  # fmt: skip
+    if samples is None:
+        samples = generate_samples(loaded.model, loaded.tokenizer, DEMO_PROMPTS)
+    size = loaded.model.num_params()
+    return Rung(name, "transformer", bpb, state["train_time_s"], size, samples, shards.meta["key"])
 
 
 # --- report --------------------------------------------------------------------------------------
