@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="pairs per step")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--rm-lr", type=float, default=1e-3)
-    ap.add_argument("--dpo-lr", type=float, default=1e-3)
+    ap.add_argument("--dpo-lr", type=float, default=1e-4)
     ap.add_argument(
         "--precompute-ref",
         default="true",

@@ -110,6 +110,10 @@ DEFAULTS = [
     "train.checkpoint_every=50", "train.log_every=10", "train.dtype=float32",
 ]  # fmt: skip
 LORA_DEFAULTS = ["lora.enabled=true", "train.lr=1e-3", "train.min_lr=1e-4"]
+# DPO pushes log-probability ratios apart with no target to stop at: LoRA at 1e-3 left SmolLM2
+# worse than it started in 60 steps (win rate 42%, reply KL 9.3, bits per byte 2.31 -> 3.39), at
+# 1e-4 better (59%, KL 1.2; bench/RESULTS.md, "The README's alignment path").
+DPO_LORA_DEFAULTS = ["train.lr=1e-4", "train.min_lr=1e-5"]
 
 
 @dataclass
@@ -126,9 +130,12 @@ class FinetuneResult:
 def load_finetune_config(
     task: str, model: str | None, data: str, *, lora: bool = False, assignments: list[str] = ()
 ) -> FinetuneRun:
-    """Defaults <- LoRA defaults (with `lora`) <- key=value assignments."""
+    """Defaults <- LoRA defaults (with `lora`; DPO's own rate) <- key=value assignments."""
     run = FinetuneRun(task=task, model=model or DEFAULT_MODEL, data=data)
-    return config.override(run, DEFAULTS + (LORA_DEFAULTS if lora else []) + list(assignments))
+    head = DEFAULTS + (LORA_DEFAULTS if lora else [])
+    if lora and task == "dpo":
+        head += DPO_LORA_DEFAULTS
+    return config.override(run, head + list(assignments))
 
 
 def _data_path(spec: str) -> Path:

@@ -227,6 +227,18 @@ def _align_run(files, out, task, *extra, lora=True, data="pairs.jsonl"):
     return finetune.finetune(run, out)
 
 
+def test_dpo_with_lora_defaults_to_a_tenth_of_the_sft_rate_and_flags_still_win():
+    # at SFT's LoRA rate (1e-3) the README's DPO run left SmolLM2 worse than it started
+    cfg = {t: finetune.load_finetune_config(t, "m", "d.jsonl", lora=True).train
+           for t in ("sft", "reward", "dpo")}  # fmt: skip
+    assert (cfg["sft"].lr, cfg["reward"].lr, cfg["dpo"].lr) == (1e-3, 1e-3, 1e-4)
+    assert cfg["dpo"].min_lr == 1e-5
+    assert finetune.load_finetune_config("dpo", "m", "d.jsonl").train.lr == 5e-5  # full: as SFT
+    told = finetune.load_finetune_config("dpo", "m", "d.jsonl", lora=True,
+                                         assignments=["train.lr=3e-4"]).train  # fmt: skip
+    assert (told.lr, told.min_lr) == (3e-4, 1e-5)
+
+
 def test_pairs_of_held_out_prompts_are_dropped_and_counted(files, tmp_path):
     # the count reaches the run's report: a merge once left it out and every reward/DPO run
     # failed building the run (_Prepared missing n_dropped)
