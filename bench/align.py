@@ -13,6 +13,10 @@ What it does, each phase through the same library calls as the CLI:
                held-out prompts (finetune.val_fraction of the prompts, split by prompt)
   5. dpo       `pellucid dpo --lora` on the same pairs; greedy replies to the held-out prompts,
                policy vs the base, judged by the oracle (ties half), and the KL to the base
+  6. online    with --online-rounds N: N rounds of online DPO after it (phase `online`, which
+               needs the `dpo` run of this --tag): K replies per training prompt sampled from the
+               last round's policy, ranked by the oracle, and DPO from that policy on those pairs
+               (its reference); each round judged against the base on the held-out prompts
 Wall time and peak memory (max RSS of this process so far) are printed per phase; --markdown
 prints the RESULTS.md section. Quality figures do not depend on the machine's load.
 
@@ -33,11 +37,13 @@ from pathlib import Path
 import torch
 
 from pellucid import finetune
-from pellucid.align.oracle import get_oracle, make_prompts
+from pellucid.align.evaluate import greedy_replies, oracle_scores
+from pellucid.align.oracle import Oracle, get_oracle, make_prompts
 from pellucid.align.pairs import oracle_pairs, sample_responses
 from pellucid.data.preferences import write_pairs, write_prompts
 from pellucid.infer.conversation import stop_token_ids
 from pellucid.infer.sampling import SamplingParams
+from pellucid.train.precision import DTYPES, autocast
 from pellucid.weights.adapter import spec_sha256
 from pellucid.weights.resolve import load
 
@@ -70,7 +76,8 @@ def main() -> None:
         help="dpo.precompute_ref: reference "
         "log-probs of every training pair once (false: per step, cheaper for few steps)",
     )
-    ap.add_argument("--phases", default="reward,dpo", help="which of reward, dpo to run")
+    ap.add_argument("--phases", default="reward,dpo", help="which of reward, dpo, online to run")
+    ap.add_argument("--online-rounds", type=int, default=1, help="rounds of the online phase")
     ap.add_argument("--tag", default="", help="suffix of the run directories (another setting)")
     ap.add_argument(
         "--targets",
@@ -112,35 +119,10 @@ def main() -> None:
     write_prompts(held_file, held_rows)
     phase("prompts", t0, train=len(train_rows), held=len(held_rows))
 
-    # 2. sample K replies per prompt (cached)
+    # 2-3. sample K replies per prompt from the base (cached), every pair the oracle implies
     t0 = time.perf_counter()
-    loaded = load(args.model)
-    params = SamplingParams(
-        temperature=1.0,
-        max_new_tokens=args.max_new_tokens,
-        seed=0,
-        stop_token_ids=stop_token_ids(loaded.tokenizer),
-    )
-    model_id = f"{args.model}:{spec_sha256(loaded.source)}"
-    responses = sample_responses(
-        loaded.model,
-        loaded.tokenizer,
-        loaded.chat_template(),
-        train_rows,
-        args.k,
-        params,
-        cache=out / "cache",
-        model_id=model_id,
-        batch_size=args.sample_batch,
-    )
-    del loaded
-    phase("sample", t0, replies=sum(map(len, responses)))
-
-    # 3. pairs
-    t0 = time.perf_counter()
-    pairs = oracle_pairs(oracle, train_rows, responses)
-    write_pairs(out / "pairs.jsonl", pairs)
-    phase("pairs", t0, pairs=len(pairs))
+    n = ranked_pairs(args.model, train_rows, oracle, args, out / "pairs.jsonl")
+    phase("sample", t0, pairs=n)
 
     common = [
         "train.progress=false",
@@ -153,12 +135,15 @@ def main() -> None:
         f"train.dtype={args.dtype}",
     ]
 
-    def run(task: str, name: str, lr: float, extra: list[str]) -> dict:
+    def run(
+        task: str, name: str, lr: float, extra: list[str], model: str = args.model,
+        pairs: str = str(out / "pairs.jsonl"),
+    ) -> dict:  # fmt: skip
         t0 = time.perf_counter()
         name += args.tag
         extra = [f"train.lr={lr}", f"train.min_lr={lr / 10}", *extra]
         cfg = finetune.load_finetune_config(
-            task, args.model, str(out / "pairs.jsonl"), lora=True, assignments=common + extra
+            task, model, pairs, lora=True, assignments=common + extra
         )
         run_dir = out / name
         resume = (run_dir / "checkpoints").is_dir()
@@ -172,22 +157,73 @@ def main() -> None:
         rm = run("reward", "reward", args.rm_lr, [f"train.max_steps={args.rm_steps}",
                  f"train.eval_every={max(20, args.rm_steps // 4)}"])  # fmt: skip
     # 5. DPO
+    dpo_sets = [
+        f"train.max_steps={args.dpo_steps}",
+        f"dpo.beta={args.beta}",
+        f"dpo.oracle={args.oracle}",
+        f"finetune.eval_data={held_file}",
+        f"finetune.eval_max={args.held_prompts}",
+        f"dpo.max_new_tokens={args.max_new_tokens}",
+        f"dpo.precompute_ref={args.precompute_ref}",
+        "train.eval_every=40",
+    ]
     if "dpo" in args.phases:
-        dpo = run("dpo", "dpo", args.dpo_lr, [
-            f"train.max_steps={args.dpo_steps}",
-            f"dpo.beta={args.beta}",
-            f"dpo.oracle={args.oracle}",
-            f"finetune.eval_data={held_file}",
-            f"finetune.eval_max={args.held_prompts}",
-            f"dpo.max_new_tokens={args.max_new_tokens}",
-            f"dpo.precompute_ref={args.precompute_ref}",
-            "train.eval_every=40",
-        ])  # fmt: skip
-    result = {"args": vars(args), "phases": phases, "reward": rm, "dpo": dpo}
+        dpo = run("dpo", "dpo", args.dpo_lr, dpo_sets)
+    # 6. online DPO: each round samples from the last round's policy and starts from it
+    online = []
+    if "online" in args.phases:
+        policy = out / f"dpo{args.tag}"
+        for r in range(2, 2 + args.online_rounds):
+            t0 = time.perf_counter()
+            pairs = out / f"pairs-r{r}{args.tag}.jsonl"
+            n = ranked_pairs(str(policy), train_rows, oracle, args, pairs)
+            phase(f"sample-r{r}", t0, pairs=n)
+            vs_last = run("dpo", f"dpo-r{r}", args.dpo_lr, dpo_sets, str(policy), str(pairs))
+            policy = out / f"dpo-r{r}{args.tag}"
+            t0 = time.perf_counter()
+            vs_base = against_base(args.model, str(policy), oracle, held_rows, args)
+            phase(f"judge-r{r}", t0)
+            online.append({"round": r, "pairs": n, "vs_base": vs_base,
+                           "vs_last": {k: v for k, v in vs_last.items() if k != "replies"}})  # fmt: skip
+            print(json.dumps(online[-1]), flush=True)
+    result = {"args": vars(args), "phases": phases, "reward": rm, "dpo": dpo, "online": online}
     (out / f"results{args.tag}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({"reward": rm, "dpo": dpo}, indent=1))
     if args.markdown and rm and dpo:
         print(markdown(args, phases, rm, dpo))
+
+
+def ranked_pairs(
+    spec: str, rows: list, oracle: Oracle, args: argparse.Namespace, pairs_file: Path
+) -> int:
+    """K replies per prompt sampled from the model `spec` (temperature 1, seeded, cached under
+    OUT/cache by the model's hash), every pair the oracle's ranking implies -> `pairs_file`."""
+    loaded = load(spec)
+    params = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0,
+                            stop_token_ids=stop_token_ids(loaded.tokenizer))  # fmt: skip
+    responses = sample_responses(
+        loaded.model, loaded.tokenizer, loaded.chat_template(), rows, args.k, params,
+        cache=Path(args.out) / "cache", model_id=f"{spec}:{spec_sha256(loaded.source)}",
+        batch_size=args.sample_batch,
+    )  # fmt: skip
+    pairs = oracle_pairs(oracle, rows, responses)
+    write_pairs(pairs_file, pairs)
+    return len(pairs)
+
+
+def against_base(
+    base_spec: str, spec: str, oracle: Oracle, rows: list, args: argparse.Namespace
+) -> dict:
+    """The policy `spec`'s greedy replies against the base's, judged by the oracle (ties half),
+    and the KL to the base: what `pellucid dpo` reports against its own start, here against the
+    first model of the line. Scored in `--dtype`, as the runs score themselves."""
+    base, policy = load(base_spec), load(spec)
+    tok, template = base.tokenizer, base.chat_template()
+    with torch.no_grad(), autocast(torch.device("cpu"), DTYPES[args.dtype]):
+        baseline = greedy_replies(base.model, tok, template, rows, args.max_new_tokens)
+        won = oracle_scores(policy.model, base.model, tok, template, oracle, rows, baseline,
+                            args.max_new_tokens)  # fmt: skip
+    return {k: v for k, v in won.items() if k != "replies"}
 
 
 def markdown(args: argparse.Namespace, phases: dict, rm: dict, dpo: dict) -> str:

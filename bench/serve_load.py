@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -124,6 +125,15 @@ def reset_peak_rss(pid: int) -> None:
         pass
 
 
+async def sse_events(r: httpx.Response) -> AsyncIterator[dict | None]:
+    """The JSON events of a streamed response as they arrive; None marks `data: [DONE]`."""
+    async for line in r.aiter_lines():
+        if line == "data: [DONE]":
+            yield None
+        elif line.startswith("data: {"):
+            yield json.loads(line[len("data: ") :])
+
+
 async def one_request(
     client: httpx.AsyncClient,
     url: str,
@@ -149,10 +159,9 @@ async def one_request(
         if r.status_code != 200:
             await r.aread()
             return out
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
+        async for event in sse_events(r):
+            if event is None:
+                break
             if "error" in event:
                 out["error"] = True
                 break

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from serve_load import PROMPTS, start_pellucid
+from serve_load import PROMPTS, sse_events, start_pellucid
 
 TINY_TEXT = " ".join(PROMPTS) * 4
 
@@ -103,13 +103,10 @@ async def one(
             await r.aread()
             return out
         chunks, finish = 0, None
-        async for line in r.aiter_lines():
-            if line == "data: [DONE]":
+        async for event in sse_events(r):
+            if event is None:
                 out["done"] = finish is not None
                 break
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
             if "error" in event:
                 out["error"] = True
                 break

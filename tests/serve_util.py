@@ -1,6 +1,8 @@
 """Helpers for the serve tests: a tiny chat model as a LoadedModel, an engine wrapper that slows
 or breaks steps and records what it was given, and a live uvicorn server on a loopback port."""
 
+import contextlib
+import json
 import socket
 import threading
 import time
@@ -100,3 +102,20 @@ def wait_for(predicate, timeout=5.0, what="condition"):
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def sse_events(text: str, *, complete: bool = True) -> list[dict]:
+    """The JSON objects of an SSE body's `data:` events, in order.
+
+    complete: the body must end with `data: [DONE]` and every event parse; else (a stream cut off
+    on purpose) the [DONE] may be missing and a last event broken off mid-JSON is left out.
+    """
+    events = [e[len("data: ") :] for e in text.split("\n\n") if e.startswith("data: ")]
+    if complete:
+        assert events and events[-1] == "[DONE]", text[-300:]
+        return [json.loads(e) for e in events[:-1]]
+    out = []
+    for e in events:
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(e))
+    return [e for e in out if isinstance(e, dict)]

@@ -22,7 +22,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from serve_util import make_app, tiny_loaded
+from serve_util import make_app, sse_events, tiny_loaded
 from test_resolve import TEMPLATE, tiny_model, tiny_tokenizer
 
 from pellucid.cli import main
@@ -341,10 +341,9 @@ def reply_ok(r, route):
     """The response is a 200 with some generated text; returns that text."""
     assert r.status_code == 200, r.text
     if route == "chat-stream":
-        events = [x[6:] for x in r.text.split("\n\n") if x.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        chunks = [json.loads(e)["choices"] for e in events[:-1]]
-        assert all("error" not in json.loads(e) for e in events[:-1])
+        events = sse_events(r.text)
+        assert all("error" not in e for e in events)
+        chunks = [e["choices"] for e in events]
         return "".join(c[0]["delta"].get("content") or "" for c in chunks if c)
     choice = r.json()["choices"][0]
     return choice["message"]["content"] if route == "chat" else choice["text"]

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from serve_util import make_app, tiny_loaded
+from serve_util import make_app, sse_events, tiny_loaded
 
 N_CTX = 128
 
@@ -38,13 +38,6 @@ def assert_openai_error(r, status, param=None):
     if param is not None:
         assert err["param"] == param, err
     return err
-
-
-def sse_events(text):
-    """The JSON objects of an SSE body, and whether it ended with [DONE]."""
-    lines = [line[len("data: ") :] for line in text.split("\n\n") if line.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(x) for x in lines[:-1]]
 
 
 # --- A8: request schema -----------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 SIGTERM (B10), on a tiny random model saved as GGUF."""
 
 import argparse
-import json
 import math
 import os
 import re
@@ -16,6 +15,7 @@ from dataclasses import replace
 import httpx
 import psutil
 import pytest
+from serve_util import sse_events
 from test_resolve import CFG, TEMPLATE, tiny_model, tiny_tokenizer
 
 from pellucid.cli import main
@@ -139,15 +139,8 @@ def wait_for_refusal(url: str, timeout: float = 5.0) -> None:
 
 def finish_reasons(body: str) -> list:
     """The finish_reason of every whole chunk of an SSE body (a cut-off last one is skipped)."""
-    out = []
-    for event in body.split("\n\n"):
-        if event.startswith("data: {"):
-            try:
-                chunk = json.loads(event[6:])
-            except json.JSONDecodeError:  # the stream broke off inside this one
-                continue
-            out += [c.get("finish_reason") for c in chunk.get("choices", [])]
-    return out
+    chunks = sse_events(body, complete=False)
+    return [c.get("finish_reason") for chunk in chunks for c in chunk.get("choices", [])]
 
 
 def long_streams(
@@ -228,8 +221,8 @@ def test_port_0_loopback_only_and_sigterm_lets_in_flight_requests_finish(gguf_pa
         assert time.monotonic() - t0 < 10 and code in (0, -signal.SIGTERM)
         assert len(results) == 4
         for status, text in results:  # B10: in-flight requests completed
-            assert status == 200 and text.rstrip().endswith("data: [DONE]")
-            chunks = [json.loads(x[6:]) for x in text.split("\n\n") if x.startswith("data: {")]
+            assert status == 200
+            chunks = sse_events(text)  # (which must end with [DONE])
             assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         with pytest.raises(httpx.TransportError):  # and the port is closed
             httpx.get(url + "/health", timeout=2)

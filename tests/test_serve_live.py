@@ -20,7 +20,7 @@ import openai
 import psutil
 import pytest
 import torch
-from serve_util import KEY, LiveServer, make_app, tiny_loaded, wait_for
+from serve_util import KEY, LiveServer, make_app, sse_events, tiny_loaded, wait_for
 
 from pellucid.cli.serve import add_serve
 from pellucid.infer.kv_pool import CHUNK
@@ -448,7 +448,7 @@ def test_concurrent_streaming_clients_all_succeed_and_duplicates_match():
             t = time.monotonic()
             with httpx.stream("POST", url, json=body, timeout=60) as r:
                 text = "".join(r.iter_text())
-            events = [json.loads(x[6:]) for x in text.split("\n\n") if x.startswith("data: {")]
+            events = sse_events(text)
             results.append((i, r.status_code, events, time.monotonic() - t))
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]  # 2 x max_batch
