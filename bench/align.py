@@ -33,6 +33,7 @@ import json
 import platform
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -178,6 +179,8 @@ def main() -> None:
         dpo = run("dpo", "dpo", args.dpo_lr, dpo_sets)
     # 6. online DPO: each round samples from the last round's policy and starts from it
     online = []
+    judging = "online" in args.phases or "judge" in args.phases
+    judge = base_judge(args.model, oracle, held_rows, args.max_new_tokens) if judging else None
     if "online" in args.phases:
         policy = Path(args.online_from) if args.online_from else out / f"dpo{args.tag}"
         for r in range(2, 2 + args.online_rounds):
@@ -188,7 +191,7 @@ def main() -> None:
             vs_last = run("dpo", f"dpo-r{r}", args.dpo_lr, dpo_sets, str(policy), str(pairs))
             policy = out / f"dpo-r{r}{args.tag}"
             t0 = time.perf_counter()
-            vs_base = against_base(args.model, str(policy), oracle, held_rows, args)
+            vs_base = judge(str(policy))
             phase(f"judge-r{r}", t0)
             online.append({"round": r, "pairs": n, "vs_base": vs_base,
                            "vs_last": {k: v for k, v in vs_last.items() if k != "replies"}})  # fmt: skip
@@ -197,8 +200,7 @@ def main() -> None:
     judged = []
     for name in args.judge if "judge" in args.phases else []:
         t0 = time.perf_counter()
-        judged.append({"run": name, "vs_base": against_base(args.model, str(out / name), oracle,
-                                                            held_rows, args)})  # fmt: skip
+        judged.append({"run": name, "vs_base": judge(str(out / name))})
         phase(f"judge-{name}", t0)
         print(json.dumps(judged[-1]), flush=True)
     result = {"args": vars(args), "phases": phases, "reward": rm, "dpo": dpo, "online": online,
@@ -227,21 +229,28 @@ def ranked_pairs(
     return len(pairs)
 
 
-def against_base(
-    base_spec: str, spec: str, oracle: Oracle, rows: list, args: argparse.Namespace
-) -> dict:
-    """The policy `spec`'s greedy replies against the base's, judged by the oracle (ties half),
-    and the KL to the base: what `pellucid dpo` reports against its own start, here against the
-    first model of the line. In float32 whatever `--dtype` trained: under bf16 autocast a greedy
-    reply depends on the batch it is decoded in, and the same round-1 policy judged 68.8% in its
-    run and 65.6% here (20 and 16 wins of 48); in float32 both ways agree."""
-    base, policy = load(base_spec), load(spec)
+def base_judge(
+    base_spec: str, oracle: Oracle, rows: list, max_new_tokens: int
+) -> Callable[[str], dict]:
+    """judge(spec): the policy `spec`'s greedy replies against the base's, judged by the oracle
+    (ties half), and the KL to the base: what `pellucid dpo` reports against its own start, here
+    against the first model of the line. The base and its replies are computed once, here.
+
+    In float32 whatever `--dtype` trained: under bf16 autocast a greedy reply depends on the batch
+    it is decoded in, and the same round-1 policy judged 68.8% in its run and 65.6% here (20 and
+    16 wins of 48); in float32 both ways agree."""
+    base = load(base_spec)
     tok, template = base.tokenizer, base.chat_template()
     with torch.no_grad():
-        baseline = greedy_replies(base.model, tok, template, rows, args.max_new_tokens)
-        won = oracle_scores(policy.model, base.model, tok, template, oracle, rows, baseline,
-                            args.max_new_tokens)  # fmt: skip
-    return {k: v for k, v in won.items() if k != "replies"}
+        baseline = greedy_replies(base.model, tok, template, rows, max_new_tokens)
+
+    def judge(spec: str) -> dict:
+        with torch.no_grad():
+            won = oracle_scores(load(spec).model, base.model, tok, template, oracle, rows,
+                                baseline, max_new_tokens)  # fmt: skip
+        return {k: v for k, v in won.items() if k != "replies"}
+
+    return judge
 
 
 def markdown(args: argparse.Namespace, phases: dict, rm: dict, dpo: dict) -> str:
