@@ -1,7 +1,9 @@
 """PPO and GRPO: the arithmetic against worked examples, the losses against hand computations,
 rollouts through the Engine, and short runs of the real loop on a tiny model."""
 
+import dataclasses
 import math
+import random
 from functools import partial
 
 import finetune_helpers as fh
@@ -248,3 +250,49 @@ def test_ppo_with_a_constant_reward_stays_near_the_reference(tmp_path):
     # error in the KL penalty or the advantages drifts by far more than either bound allows.
     assert const < 0.015  # nats per token
     assert moved > 2 * const
+
+
+def test_grpo_dynamic_sampling_keeps_groups_whose_rewards_differ():
+    # Half the prompts score every reply the same (a uniform group teaches GRPO nothing); the
+    # other half score by length. With up to 4 rounds every kept group must differ, and the
+    # logged reward is the mean over every reply drawn, not the filtered batch's.
+    tok, template = fh.tokenizer(), ChatTemplate(CHATML)
+    rows = [PromptRow(r["prompt"], r["answer"]) for r in fh.parity_rows(16, 0)]
+    flat = {r.prompt for r in rows[::2]}
+    seen = []
+
+    def reward(batch, replies):
+        seen.extend(
+            1.0 if r.prompt in flat else float(len(t) % 2)
+            for r, t in zip(batch, replies, strict=True)
+        )
+        return seen[len(seen) - len(replies) :]
+
+    torch.manual_seed(0)
+    policy = Transformer(fh.CFG)
+    cfg = RLConfig(algo="grpo", prompts_per_iteration=4, group_size=4, max_new_tokens=8,
+                   epochs=1, sampling_rounds=4)  # fmt: skip
+    rollouts = Rollouts(policy, tok, template, rows, reward, cfg, batch_size=16, seed=0,
+                        reference=make_reference(policy))  # fmt: skip
+    batch = next(rollouts)
+    pairs = zip(batch.advantages, batch.targets, strict=True)
+    adv = [a[y != IGNORE_INDEX][0].item() for a, y in pairs]
+    assert len(adv) == 16 and all(abs(a) > 1e-3 for a in adv)  # no uniform group was kept
+    stats, groups = batch.stats, [seen[k : k + 4] for k in range(0, len(seen), 4)]
+    assert stats["sampling_rounds"] >= 2 and stats["reward"] == pytest.approx(sum(seen) / len(seen))
+    assert stats["mixed_groups"] == pytest.approx(
+        sum(len(set(g)) > 1 for g in groups) / len(groups)
+    )
+    # One round keeps the first round's groups as they come: the prompts drawn as before.
+    one = Rollouts(policy, tok, template, rows, reward, dataclasses.replace(cfg, sampling_rounds=1),
+                   batch_size=16, seed=0, reference=make_reference(policy))  # fmt: skip
+    first = next(one)
+    picks = random.Random("0:0").sample(range(len(rows)), 4)
+
+    def prompt(x, y):  # the prompt ends where the reply's targets begin
+        return x[: int((y != IGNORE_INDEX).int().argmax()) + 1].tolist()
+
+    got = sorted(prompt(x, y) for x, y in zip(first.inputs, first.targets, strict=True))
+    assert got == sorted(one.prompt_ids[i] for i in picks for _ in range(4))
+    with pytest.raises(ConfigError, match="sampling_rounds"):
+        RLConfig(algo="ppo", sampling_rounds=2)

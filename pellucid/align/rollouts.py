@@ -4,7 +4,9 @@ scored replies come back as Batches for the one trainer, `epochs` passes of mini
 One iteration (collected when the trainer asks for a batch and none is left):
 
     rollout   draw `prompts_per_iteration` prompts, `group_size` replies each, sampled by
-              Engine.generate (the same decode loop as chat and the server)
+              Engine.generate (the same decode loop as chat and the server); GRPO with
+              rl.sampling_rounds > 1 draws more rounds of prompts until that many groups have
+              replies that score differently, and keeps those (dynamic sampling)
     scoring   one no-grad forward of prompt + reply: the policy's log-probs of its own tokens
               (and its values, PPO), the reference's log-probs, the reward of each reply
     advantage PPO: KL-shaped per-token rewards, then GAE (ppo.py); GRPO: group-relative scores
@@ -64,6 +66,10 @@ class RLConfig:
     gamma: float = 1.0  # PPO: discount
     lam: float = 0.95  # PPO: GAE lambda
     kl_coef: float = 0.05  # PPO: initial KL penalty beta; GRPO: beta of the loss's KL term
+    # GRPO: draw up to this many rounds of prompts_per_iteration prompts to find that many groups
+    # whose replies' rewards differ (DAPO's dynamic sampling: a uniform group's advantages are
+    # all zero, so it teaches nothing); 1 trains on the first round's groups as they come
+    sampling_rounds: int = 1
     kl_target: float | None = 6.0  # PPO: KL (nats per reply) the controller aims at; None: fixed
     kl_horizon: int = 10000  # PPO: samples over which the controller makes a full correction
     # PPO: standardise each iteration's scores (mean 0, std 1) before the KL is subtracted, so
@@ -71,7 +77,8 @@ class RLConfig:
     normalize_scores: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "prompts_per_iteration", "group_size", "max_new_tokens"):
+        for name in ("iterations", "prompts_per_iteration", "group_size", "max_new_tokens",
+                     "sampling_rounds"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key 'rl.{name}' must be >= 1, got {getattr(self, name)}")
         if self.epochs < 1 or not (0 < self.clip < 1) or not self.temperature > 0:
@@ -81,6 +88,10 @@ class RLConfig:
             )
         if self.algo == "grpo" and self.group_size < 2:
             raise ConfigError("GRPO compares replies: config key 'rl.group_size' must be >= 2")
+        if self.algo != "grpo" and self.sampling_rounds > 1:
+            raise ConfigError(
+                "config key 'rl.sampling_rounds' > 1 filters GRPO's groups: needs rl.algo=grpo"
+            )
         if self.kl_coef < 0 or (self.kl_target is not None and not self.kl_target > 0):
             raise ConfigError("config keys 'rl.kl_coef' must be >= 0 and 'rl.kl_target' > 0")
 
@@ -229,25 +240,17 @@ class Rollouts:
     def collect(self) -> list[RolloutBatch]:
         """Sample, score and batch one iteration; returns its `epochs` passes of minibatches."""
         self.end_iteration()
-        cfg, now = self.cfg, time.perf_counter()
+        now = time.perf_counter()
         rng = random.Random(f"{self.seed}:{self.iteration}")
-        n = cfg.prompts_per_iteration
-        picks = rng.sample(range(len(self.rows)), n) if n <= len(self.rows) else rng.choices(
-            range(len(self.rows)), k=n)  # fmt: skip
-        picks = [i for i in picks for _ in range(cfg.group_size)]  # a group's replies together
+        picks, replies, scores, drawn = self._sample_groups(rng)
+        reward_s = drawn.pop("reward_s")  # scoring's, though paid between the rounds
+        t_rollout = time.perf_counter() - reward_s
         prompts = [self.prompt_ids[i] for i in picks]
-        policy = policy_of(self.model)
-        params = _sampling(
-            self.tokenizer, cfg.temperature, cfg.max_new_tokens, rng.randrange(2**31)
-        )
-        replies = sample_replies(Engine(policy, self.tokenizer), prompts, params)
-        t_rollout = time.perf_counter()
-        scores = self.reward([self.rows[i] for i in picks], [text for _, text in replies])
         inputs, targets = pack(prompts, [ids for ids, _ in replies])
         data = self._score(inputs, targets, torch.tensor(scores, dtype=torch.float32))
         stats = {
             "iteration": self.iteration,
-            "reward": sum(scores) / len(scores),
+            **drawn,
             "reply_tokens": sum(len(ids) for ids, _ in replies) / len(replies),
             "rollout_s": t_rollout - now,
             "scoring_s": time.perf_counter() - t_rollout,
@@ -257,6 +260,52 @@ class Rollouts:
         self.iteration += 1
         self._ready_at = time.perf_counter()
         return self._minibatches(inputs, targets, data, stats, rng)
+
+    def _sample_groups(
+        self, rng: random.Random
+    ) -> tuple[list[int], list[tuple[list[int], str]], list[float], dict[str, float]]:
+        """One iteration's replies: (row of each reply, (ids, text) replies, rewards, stats).
+
+        Each round draws prompts_per_iteration new prompts and samples group_size replies to
+        each, a group's replies together. With rl.sampling_rounds > 1, rounds go on until that
+        many groups with differing rewards are found; those are kept, topped up with uniform
+        groups if the rounds run out, in the order drawn. `reward` in the stats is the mean over
+        every reply sampled (the policy's success rate, not the filtered batch's).
+        """
+        cfg, n, G = self.cfg, self.cfg.prompts_per_iteration, self.cfg.group_size
+        order = list(range(len(self.rows)))
+        policy, groups = policy_of(self.model), []  # (row, [(ids, text)] * G, [reward] * G)
+        reward_s = 0.0
+        for r in range(cfg.sampling_rounds):
+            if r == 0:  # the first round draws as runs before dynamic sampling did
+                picks = rng.sample(order, n) if n <= len(order) else rng.choices(order, k=n)
+            else:
+                unused = sorted(set(order) - {g[0] for g in groups}) or order
+                picks = rng.sample(unused, min(n, len(unused)))
+            params = _sampling(
+                self.tokenizer, cfg.temperature, cfg.max_new_tokens, rng.randrange(2**31)
+            )
+            rows = [i for i in picks for _ in range(G)]
+            replies = sample_replies(
+                Engine(policy, self.tokenizer), [self.prompt_ids[i] for i in rows], params
+            )
+            t = time.perf_counter()
+            scores = self.reward([self.rows[i] for i in rows], [text for _, text in replies])
+            reward_s += time.perf_counter() - t
+            groups += [(i, replies[k * G : (k + 1) * G], scores[k * G : (k + 1) * G])
+                       for k, i in enumerate(picks)]  # fmt: skip
+            if sum(len(set(g[2])) > 1 for g in groups) >= n:
+                break
+        mixed = [k for k, g in enumerate(groups) if len(set(g[2])) > 1]
+        uniform = sorted(set(range(len(groups))) - set(mixed))
+        kept = sorted((mixed + uniform)[:n]) if cfg.sampling_rounds > 1 else range(n)
+        everything = [s for g in groups for s in g[2]]
+        drawn = {"reward": sum(everything) / len(everything), "reward_s": reward_s}
+        if cfg.algo == "grpo":
+            drawn |= {"mixed_groups": len(mixed) / len(groups), "sampling_rounds": r + 1}
+        picks = [groups[k][0] for k in kept for _ in range(G)]
+        replies = [reply for k in kept for reply in groups[k][1]]
+        return picks, replies, [s for k in kept for s in groups[k][2]], drawn
 
     @torch.no_grad()
     def _score(self, inputs: Tensor, targets: Tensor, scores: Tensor) -> dict[str, Any]:
