@@ -329,6 +329,7 @@ _PANELS = (
     ("clip_frac", "clip fraction"),
     ("value_error", "value error (MSE)"),
     ("kl_coef", "KL coefficient beta"),
+    ("mixed_groups", "groups whose rewards differ"),  # GRPO: those that teach
 )
 
 
@@ -345,7 +346,8 @@ def iteration_means(records: list[dict[str, Any]]) -> dict[int, dict[str, float]
 
 
 def plot_iterations(records: list[dict[str, Any]], path: Path) -> None:
-    """Reward, KL, entropy, clip fraction, value error and beta against iteration, as a PNG."""
+    """Reward, KL, entropy, clip fraction, value error, beta and (GRPO) the share of groups with
+    differing rewards against iteration, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
