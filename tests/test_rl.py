@@ -210,6 +210,11 @@ def test_rollouts_yield_epochs_of_minibatches_scored_at_the_rollout_policy():
     assert next(rollouts).stats["iteration"] == 1
 
 
+def _prompt_of(x, y):
+    """A packed row's prompt ids: the prompt ends where the reply's targets begin."""
+    return x[: int((y != IGNORE_INDEX).int().argmax()) + 1].tolist()
+
+
 def test_grpo_rollouts_advantages_sum_to_zero_per_group():
     _, _, rollouts, *_ = _setup("grpo", group_size=4)
     first_epoch = [next(rollouts) for _ in range(4)]  # 16 replies, 4 per batch
@@ -217,8 +222,7 @@ def test_grpo_rollouts_advantages_sum_to_zero_per_group():
     for b in first_epoch:
         for x, y, a in zip(b.inputs, b.targets, b.advantages, strict=True):
             reply = y != IGNORE_INDEX
-            start = int(reply.int().argmax())
-            prompt = tuple(x[: start + 1].tolist())  # the prompt ends where the reply begins
+            prompt = tuple(_prompt_of(x, y))
             assert torch.allclose(a[reply], a[reply][0].expand(int(reply.sum())))  # per reply
             sums[prompt] = sums.get(prompt, 0.0) + a[reply][0].item()
     assert len(sums) == 4
@@ -288,11 +292,7 @@ def test_grpo_dynamic_sampling_keeps_groups_whose_rewards_differ():
                    batch_size=16, seed=0, reference=make_reference(policy))  # fmt: skip
     first = next(one)
     picks = random.Random("0:0").sample(range(len(rows)), 4)
-
-    def prompt(x, y):  # the prompt ends where the reply's targets begin
-        return x[: int((y != IGNORE_INDEX).int().argmax()) + 1].tolist()
-
-    got = sorted(prompt(x, y) for x, y in zip(first.inputs, first.targets, strict=True))
+    got = sorted(_prompt_of(x, y) for x, y in zip(first.inputs, first.targets, strict=True))
     assert got == sorted(one.prompt_ids[i] for i in picks for _ in range(4))
     with pytest.raises(ConfigError, match="sampling_rounds"):
         RLConfig(algo="ppo", sampling_rounds=2)

@@ -294,11 +294,11 @@ class Rollouts:
             reward_s += time.perf_counter() - t
             groups += [(i, replies[k * G : (k + 1) * G], scores[k * G : (k + 1) * G])
                        for k, i in enumerate(picks)]  # fmt: skip
-            if sum(len(set(g[2])) > 1 for g in groups) >= n:
+            mixed = [k for k, g in enumerate(groups) if len(set(g[2])) > 1]
+            if len(mixed) >= n:
                 break
-        mixed = [k for k, g in enumerate(groups) if len(set(g[2])) > 1]
         uniform = sorted(set(range(len(groups))) - set(mixed))
-        kept = sorted((mixed + uniform)[:n]) if cfg.sampling_rounds > 1 else range(n)
+        kept = sorted((mixed + uniform)[:n])  # one round: all n groups, as drawn
         everything = [s for g in groups for s in g[2]]
         drawn = {"reward": sum(everything) / len(everything), "reward_s": reward_s}
         if cfg.algo == "grpo":
