@@ -367,7 +367,8 @@ def test_overload_is_refused_fast_with_429_and_the_gauges_return_to_zero():
     app, _ = make_app(tiny_loaded(), delay=0.02, max_batch=2, max_queue=2)
     with LiveServer(app) as server:
         url = server.url + "/v1/chat/completions"
-        body = {"messages": MESSAGES, "max_tokens": 8, "stream": True}
+        # ignore_eos: a sampled end token must not free a slot early
+        body = {"messages": MESSAGES, "max_tokens": 8, "stream": True, "ignore_eos": True}
         results = []
         assert httpx.post(url, json=body, timeout=60).status_code == 200  # warm, then measure
         rss_before = psutil.Process().memory_info().rss
@@ -410,7 +411,11 @@ def test_a_request_over_its_time_limit_ends_with_504_and_frees_its_slot():
     app, _ = make_app(tiny_loaded(), delay=0.05, request_timeout_s=0.5)
     with LiveServer(app) as server:
         t = time.monotonic()
-        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": MESSAGES}, timeout=30)
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={"messages": MESSAGES, "ignore_eos": True},
+            timeout=30,
+        )
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
         assert time.monotonic() - t < 3
         wait_for(lambda: idle_noauth(server), 2.0, "the slot to be freed")
