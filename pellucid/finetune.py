@@ -73,6 +73,8 @@ class FinetuneConfig:
     max_new_tokens: int = 64  # reply budget when answering task prompts
     max_len: int = 0  # tokens per example (0: the model's context, capped at 1024)
     truncate: bool = False  # cut longer examples (else they are refused, with a count)
+    keep_head: int = 0  # classify, truncate: keep a long text's first N tokens + its end
+    group_by_length: bool = False  # batch rows of similar length: less padding (unpacked)
     pack: bool = False  # SFT: several examples per row, block-diagonal attention
     train_last: int = -1  # classify without LoRA: train the head + the last N blocks (-1: all)
     pad_side: Literal["right", "left"] = "right"  # classify: where padding goes
@@ -253,8 +255,9 @@ def _prepare(run: FinetuneRun) -> _Prepared:
             return out
 
     else:
-        enc = encode_text(train_rows, tok, labels, max_len, ft.truncate, str(data.path))
-        val = encode_text(val_rows, tok, labels, max_len, ft.truncate, str(data.path))
+        where, head = str(data.path), ft.keep_head
+        enc = encode_text(train_rows, tok, labels, max_len, ft.truncate, where, head)
+        val = encode_text(val_rows, tok, labels, max_len, ft.truncate, where, head)
         items, objective = enc, class_loss
 
         def collate(rows: list) -> Any:
@@ -267,9 +270,11 @@ def _prepare(run: FinetuneRun) -> _Prepared:
         def scores(m: torch.nn.Module) -> dict[str, Any]:
             return class_metrics(m, val, len(labels), B) if val else {}
 
-    longest = max_len if ft.pack and run.task == "sft" else max(len(e.ids) for e in enc)
+    packed = ft.pack and run.task == "sft"  # rows of max_len tokens, several examples each
+    longest = max_len if packed else max(len(e.ids) for e in enc)
     check_fits(loaded.model.cfg, B, context_len=longest)  # before a batch of B rows is drawn
-    batches = ExampleSampler(items, B, seed, collate)
+    lengths = [len(e.ids) for e in items] if ft.group_by_length and not packed else None
+    batches = ExampleSampler(items, B, seed, collate, lengths)
     # Without validation rows there is nothing to evaluate during training (it would log NaN).
     return _Prepared(
         model, batches, objective, evaluate if val else None, scores, meta, data, held, len(enc),

@@ -21,7 +21,7 @@ import torch
 from pellucid import finetune
 from pellucid.cli import main
 from pellucid.data.jsonl import read_jsonl, split
-from pellucid.errors import WeightsFormatError
+from pellucid.errors import DataError, WeightsFormatError
 from pellucid.files import sha256_file
 from pellucid.train.trainer import TrainConfig, TrainState
 from pellucid.weights.adapter import spec_sha256
@@ -204,6 +204,30 @@ def test_classify_scores_validation_once_after_training_in_the_run_dtype(
     assert result.after["n"] == 8  # 10% of the 80 rows
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
+def test_classify_cuts_head_and_tail_and_groups_batches_by_length(files, tmp_path, monkeypatch):
+    seen = {}
+    real = finetune.ExampleSampler
+
+    def spy(items, *args):
+        seen["ids"], seen["lengths"] = [e.ids for e in items], args[-1]
+        return real(items, *args)
+
+    monkeypatch.setattr(finetune, "ExampleSampler", spy)
+    cut = ("finetune.max_len=6", "finetune.truncate=true", "train.max_steps=1")
+    _run(files, tmp_path / "a", *cut, "finetune.keep_head=2", "finetune.group_by_length=true",
+         task="classify", data="spam.jsonl", lora=False)  # fmt: skip
+    grouped_ids, lengths = seen["ids"], seen["lengths"]
+    assert lengths == [len(ids) for ids in grouped_ids] and max(lengths) == 6
+    _run(files, tmp_path / "b", *cut, task="classify", data="spam.jsonl", lora=False)
+    assert seen["lengths"] is None  # off by default
+    tail_ids = seen["ids"]
+    long = [i for i, ids in enumerate(tail_ids) if ids != grouped_ids[i]]
+    assert long and all(grouped_ids[i][2:] == tail_ids[i][2:] for i in long)  # the same end
+    with pytest.raises(DataError, match=r"finetune\.keep_head must be in"):
+        _run(files, tmp_path / "c", *cut, "finetune.keep_head=6", task="classify",
+             data="spam.jsonl", lora=False)  # fmt: skip
 
 
 @pytest.mark.slow

@@ -256,6 +256,39 @@ def test_sampler_is_a_function_of_seed_and_step():
     assert next(b).inputs.flatten().tolist() == first[3]
 
 
+def test_long_texts_keep_their_head_and_tail_under_keep_head(tmp_path):
+    tok = tokenizer()
+    text = " ".join(f"w{i}" for i in range(60))
+    data = read_jsonl(write_jsonl(tmp_path / "c.jsonl", [{"text": text, "label": "a"}]))
+    full = tok.encode(text)
+    assert len(full) > 20
+    tail = encode_text(data.records, tok, data.labels, 20, truncate=True)[0].ids
+    both = encode_text(data.records, tok, data.labels, 20, truncate=True, keep_head=6)[0].ids
+    assert list(tail) == full[-20:]
+    assert list(both) == full[:6] + full[-14:]
+    with pytest.raises(DataError, match=r"finetune\.keep_head must be in"):
+        encode_text(data.records, tok, data.labels, 20, truncate=True, keep_head=20)
+
+
+def test_grouped_sampler_batches_similar_lengths_and_still_sees_every_item_once():
+    lengths = [(7 * i) % 97 + 1 for i in range(400)]  # 400 distinct-ish lengths, shuffled
+    collate = lambda xs: xs  # noqa: E731
+    plain = ExampleSampler(range(400), 8, seed=3, collate=collate)
+    grouped = ExampleSampler(range(400), 8, seed=3, collate=collate, lengths=lengths)
+    epoch = [next(grouped) for _ in range(50)]
+    assert sorted(i for b in epoch for i in b) == list(range(400))  # one epoch: each item once
+
+    def padding(batches):
+        return sum(
+            max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches
+        )
+
+    assert padding(epoch) < padding([next(plain) for _ in range(50)]) / 10
+    resumed = ExampleSampler(range(400), 8, seed=3, collate=collate, lengths=lengths)
+    resumed.load_state({"seed": 3, "step": 20})
+    assert next(resumed) == epoch[20]
+
+
 def test_classification_rows_encode_with_labels_and_padding(tmp_path):
     tok = tokenizer()
     rows = [{"text": "spam spam ham", "label": "spam"}, {"text": "hello", "label": 1}]

@@ -130,12 +130,18 @@ def encode_text(
     max_len: int,
     truncate: bool = False,
     source: str = "data",
+    keep_head: int = 0,
 ) -> list[EncodedText]:
     """Tokenize classification texts (no chat template) and map labels to their index.
 
-    A text longer than max_len is refused (with a count), or cut to its LAST max_len tokens
-    under `truncate`: the classifier reads the last token, so the end is what must survive.
+    A text longer than max_len is refused (with a count), or cut under `truncate` to its first
+    `keep_head` tokens joined to its last max_len - keep_head: the classifier reads the last
+    token, so the end must survive, while a long text's opening (an email's subject and first
+    lines) often says the most; head + tail beat either alone for BERT on long documents (Sun et
+    al. 2019, "How to Fine-Tune BERT for Text Classification?").
     """
+    if not 0 <= keep_head < max_len:
+        raise DataError(f"finetune.keep_head must be in [0, max_len={max_len}), got {keep_head}")
     index = {label: i for i, label in enumerate(labels)}
     out, long = [], []
     for r in records:
@@ -147,12 +153,15 @@ def encode_text(
             raise DataError(f"{source}:{r.line}: {e}") from None
         if len(ids) > max_len:
             long.append((len(ids), r.line))
-            ids = ids[-max_len:]
+            ids = ids[:keep_head] + ids[len(ids) - (max_len - keep_head) :]
         out.append(EncodedText(tuple(ids), index[r.label], r.line))
     if long and not truncate:
         raise _too_long(source, len(long), len(records), max_len, *max(long))
     if long:
-        log.info("%s: truncated %d texts to their last %d tokens", source, len(long), max_len)
+        log.info(
+            "%s: truncated %d texts to %d tokens (the first %d and the last %d)",
+            source, len(long), max_len, keep_head, max_len - keep_head,
+        )  # fmt: skip
     return out
 
 
@@ -239,7 +248,13 @@ class ExampleSampler(SeededSteps, Generic[T_]):
 
     Batch k holds the items at global positions k*B .. k*B + B - 1 of the concatenated epoch
     orders, so every item is seen once per epoch and `state()` is {"seed", "step"}.
+
+    With `lengths` (one per item) each epoch's shuffled order is cut into runs of GROUP batches
+    and each run sorted longest first: a batch then holds rows of similar length and pads far
+    less (transformers' `group_by_length`), while which rows share a run stays random.
     """
+
+    GROUP = 50  # batches per length-sorted run, as transformers' megabatches
 
     def __init__(
         self,
@@ -247,6 +262,7 @@ class ExampleSampler(SeededSteps, Generic[T_]):
         batch_size: int,
         seed: int,
         collate: Callable[[list[T_]], Batch],
+        lengths: Sequence[int] | None = None,
     ) -> None:
         if not items:
             raise DataError("no examples to draw batches from")
@@ -258,13 +274,24 @@ class ExampleSampler(SeededSteps, Generic[T_]):
             seed,
             collate,
         )
+        if lengths is not None and len(lengths) != len(self.items):
+            raise DataError(f"{len(lengths)} lengths for {len(self.items)} examples")
+        self.lengths = lengths
         self.step = 0
         self._orders: dict[int, list[int]] = {}
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-            self._orders = {epoch: torch.randperm(len(self.items), generator=g).tolist()}
+            order = torch.randperm(len(self.items), generator=g).tolist()
+            if self.lengths is not None:
+                run, by_len = self.GROUP * self.batch_size, self.lengths.__getitem__
+                order = [
+                    i
+                    for at in range(0, len(order), run)
+                    for i in sorted(order[at : at + run], key=by_len, reverse=True)
+                ]
+            self._orders = {epoch: order}
         return self._orders[epoch]
 
     def __iter__(self) -> ExampleSampler[T_]:
