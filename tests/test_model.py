@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from pellucid.errors import PellucidError, WeightsFormatError
 from pellucid.model.config import PRESETS, ModelConfig
+from pellucid.model.heads import Classifier, ScalarHead, train_last_blocks
 from pellucid.model.layers import Trace, apply_rope, rope_tables
 from pellucid.model.transformer import Transformer, eval_mode
 
@@ -205,6 +206,22 @@ def test_frozen_weights_cost_four_flops_or_two_not_six():
     before = untied.flops_per_token()
     untied.tok_emb.weight.requires_grad_(False)  # a lookup table: never counted, frozen or not
     assert untied.flops_per_token() == before
+
+
+def test_classifier_and_reward_model_flops_leave_out_the_unused_output_head():
+    # They read hidden states and never run the LM head (V x C, a fifth of SmolLM2's matmul
+    # weights): counting it logged a bf16 classify run at "MFU 97%".
+    cfg = ModelConfig(**SMALL, n_kv_head=2, mlp="swiglu", ffn_dim=64, qk_norm=True)
+    V, C = 50, 32
+    clf, rm = Classifier(Transformer(cfg), n_labels=3), ScalarHead(Transformer(cfg))
+    full = clf.trunk.flops_per_token()
+    assert clf.flops_per_token() == full - 6 * V * C + 6 * 3 * C
+    assert rm.flops_per_token(context_len=10) == rm.trunk.flops_per_token(10) - 6 * V * C + 6 * C
+    assert clf.trunk.forward_flops_per_token(head=False) == clf.trunk.forward_flops_per_token() - (
+        2 * V * C
+    )
+    train_last_blocks(clf, 1)  # the frozen tied head would cost 4 per weight: it costs nothing
+    assert clf.flops_per_token() == clf.trunk.flops_per_token() - 4 * V * C + 6 * 3 * C
 
 
 def test_gpt2_flops_match_nanogpt():

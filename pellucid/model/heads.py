@@ -32,6 +32,11 @@ def last_real_index(segments: Tensor) -> Tensor:
     return T - 1 - real.flip(-1).argmax(dim=-1)
 
 
+def head_flops(trunk: Transformer, head: nn.Linear, context_len: int | None) -> float:
+    """Training FLOPs per token of trunk -> hidden states -> a small trained linear head."""
+    return trunk.flops_per_token(context_len, head=False) + 6.0 * head.weight.numel()
+
+
 class Classifier(nn.Module):
     """trunk (a Transformer) -> hidden state of the last real token -> linear head -> class logits."""
 
@@ -52,8 +57,8 @@ class Classifier(nn.Module):
         return self.head(rows).float()
 
     def flops_per_token(self, context_len: int | None = None) -> float:
-        """The trunk's training FLOPs per token (the head is negligible)."""
-        return self.trunk.flops_per_token(context_len)
+        """Training FLOPs per token: the trunk's without its output head (never run here)."""
+        return head_flops(self.trunk, self.head, context_len)
 
 
 class ScalarHead(nn.Module):
@@ -78,8 +83,8 @@ class ScalarHead(nn.Module):
         return values[range(ids.shape[0]), last_real_index(segments)]
 
     def flops_per_token(self, context_len: int | None = None) -> float:
-        """The trunk's training FLOPs per token (the head is negligible)."""
-        return self.trunk.flops_per_token(context_len)
+        """Training FLOPs per token: the trunk's without its output head (never run here)."""
+        return head_flops(self.trunk, self.head, context_len)
 
 
 def train_last_blocks(model: Classifier, n: int) -> None:

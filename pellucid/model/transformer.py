@@ -219,7 +219,7 @@ class Transformer(nn.Module):
             n -= self.tok_emb.weight.numel() + self._pos_params()
         return n
 
-    def forward_flops_per_token(self, context_len: int | None = None) -> float:
+    def forward_flops_per_token(self, context_len: int | None = None, head: bool = True) -> float:
         """Forward FLOPs per token: 2N + 4 L H D T, whatever trains (a third of flops_per_token
         when everything does).
 
@@ -227,15 +227,16 @@ class Transformer(nn.Module):
         (the position table, and the token table unless it is tied to the output head, whose
         matmul is real work). This is nanoGPT's count for GPT-2. The second term is attention
         (QK^T and weights @ V) over T = context_len (default: the config's) keys, without
-        discounting the causal mask.
+        discounting the causal mask. head=False leaves out the output head, for a model that
+        reads the hidden states only (a classifier, a reward model).
         """
         cfg = self.cfg
         T = cfg.context_len if context_len is None else context_len
         lookups = self._pos_params() + (0 if cfg.tie_embeddings else self.tok_emb.weight.numel())
-        N = self.num_params() - lookups
+        N = self.num_params() - lookups - (0 if head else self.lm_head.weight.numel())
         return 2.0 * N + 4.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
-    def flops_per_token(self, context_len: int | None = None) -> float:
+    def flops_per_token(self, context_len: int | None = None, head: bool = True) -> float:
         """Training FLOPs per token (forward + backward), PaLM's estimate: 6N + 12 L H D T, three
         times the forward (see forward_flops_per_token).
 
@@ -253,13 +254,14 @@ class Transformer(nn.Module):
             p.requires_grad for p in (self.pos_emb.parameters() if self.pos_emb else ())
         )
         saved = 0.0
-        for part in [*self.blocks, nn.ModuleList([self.norm, self.lm_head])]:
+        top = [self.norm, self.lm_head] if head else [self.norm]
+        for part in [*self.blocks, nn.ModuleList(top)]:
             params = list(part.parameters())
             grad = grad or any(p.requires_grad for p in params)
             saved += sum(p.numel() for p in params if not p.requires_grad) * (2.0 if grad else 4.0)
             if not grad and isinstance(part, Block):
                 saved += backward_attention
-        return 3.0 * self.forward_flops_per_token(T) - saved
+        return 3.0 * self.forward_flops_per_token(T, head) - saved
 
     def _pos_params(self) -> int:
         return sum(p.numel() for p in self.pos_emb.parameters()) if self.pos_emb is not None else 0
