@@ -259,6 +259,8 @@ def _prepare(run: FinetuneRun) -> _Prepared:
         enc = encode_text(train_rows, tok, labels, max_len, ft.truncate, where, head)
         val = encode_text(val_rows, tok, labels, max_len, ft.truncate, where, head)
         items, objective = enc, class_loss
+        if ft.truncate:  # `eval` cuts texts as training did: the classifier knows no other view
+            meta["cut"] = {"max_len": max_len, "keep_head": head}
 
         def collate(rows: list) -> Any:
             return pad_text(rows, ft.pad_side)
@@ -434,7 +436,8 @@ def evaluate_file(
     task: those and the exact match of greedy answers; classification (a classify run only):
     accuracy, macro-F1, confusion matrix; a reward model on preference pairs: pairwise accuracy
     and margin. `limit` > 0 scores the first `limit` rows only. Rows longer than the model's
-    context are refused, or cut to it with `truncate`.
+    context are refused, or cut to it with `truncate`; a classify run that cut its texts
+    (finetune.truncate) cuts them the same way here.
     """
     if is_pairs_file(_data_path(path)):  # preference pairs: a reward model's accuracy
         from pellucid.align.reward import evaluate_pairs
@@ -453,7 +456,14 @@ def evaluate_file(
                 f"{data.path} holds classification rows, but '{spec}' is not a classifier "
                 "(train one with `pellucid finetune classify`)"
             )
-        enc = encode_text(records, tok, loaded.labels, ctx, truncate, str(data.path))
+        cut = (loaded.meta or {}).get("cut")
+        if cut:  # the run cut its texts to max_len (head + end): score them the same way
+            enc = encode_text(
+                records, tok, loaded.labels, cut["max_len"], True, str(data.path),
+                cut["keep_head"],
+            )  # fmt: skip
+        else:
+            enc = encode_text(records, tok, loaded.labels, ctx, truncate, str(data.path))
         scores = class_metrics(loaded.classifier, enc, len(loaded.labels), batch_size)
         return {**out, **scores, "labels": loaded.labels}
     template = loaded.chat_template()

@@ -230,6 +230,28 @@ def test_classify_cuts_head_and_tail_and_groups_batches_by_length(files, tmp_pat
              data="spam.jsonl", lora=False)  # fmt: skip
 
 
+def test_eval_cuts_a_classify_runs_texts_as_its_training_did(files, tmp_path, monkeypatch, capsys):
+    # A run trained on 6-token views (first 2 + last 4) was scored by `eval` on whole texts.
+    out = tmp_path / "clf"
+    result = _run(files, out, "finetune.max_len=6", "finetune.truncate=true", "train.max_steps=2",
+                  "finetune.keep_head=2", task="classify", data="spam.jsonl", lora=False)  # fmt: skip
+    val = split(read_jsonl(files / "spam.jsonl").records, 0.1, TrainConfig().seed)[1]
+    held = h.write_jsonl(tmp_path / "val.jsonl", [{"text": r.text, "label": r.label} for r in val])
+    seen = []
+    real = finetune.class_metrics
+    monkeypatch.setattr(
+        finetune, "class_metrics", lambda m, enc, *a: seen.append(enc) or real(m, enc, *a)
+    )
+    assert main(["eval", "--model", str(out), "--data", str(held), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    tok = load(str(out)).tokenizer
+    assert [e.ids for e in seen[0]] == [
+        tuple(ids[:2] + ids[-4:]) if len(ids) > 6 else tuple(ids)
+        for ids in (tok.encode(x.text) for x in val)
+    ]
+    assert r["confusion"] == result.after["confusion"] and r["accuracy"] == result.after["accuracy"]
+
+
 @pytest.mark.slow
 def test_small_sft_raises_exact_match(files, tmp_path):
     result = _run(

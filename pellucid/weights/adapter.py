@@ -5,7 +5,7 @@ Every fine-tuning checkpoint (and the run directory) carries `finetune.json`:
     {"format": "pellucid-finetune/1", "base": "smollm2-135m-instruct", "base_sha256": "…",
      "task": "sft" | "classify" | "reward" | "dpo" | ..., "method": "lora" | "full",
      "lora": {"rank", "alpha", "dropout", "targets"} | null, "labels": [...] | null,
-     "train_last": -1}
+     "train_last": -1, "cut": {"max_len", "keep_head"} (a classify run that cut its texts)}
 
 Its model.safetensors holds only the trainable tensors (checkpoint.py leaves frozen ones out):
 LoRA's A and B (and a classifier's head), or every weight after full fine-tuning. A LoRA run
@@ -39,7 +39,7 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 # The fields `build` and the loaders read, with their types (pellucid.files.check_shape).
 META_SHAPE = {
     "format": str, "base": str, "base_sha256": str, "task": str, "method": str,
-    "labels?": [str], "train_last?": int,
+    "labels?": [str], "train_last?": int, "cut?": {"max_len": int, "keep_head": int},
     "lora?": {"targets": [str], "rank": int, "alpha": (int, float), "dropout?": (int, float)},
 }  # fmt: skip
 
