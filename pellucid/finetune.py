@@ -456,14 +456,11 @@ def evaluate_file(
                 f"{data.path} holds classification rows, but '{spec}' is not a classifier "
                 "(train one with `pellucid finetune classify`)"
             )
-        cut = (loaded.meta or {}).get("cut")
-        if cut:  # the run cut its texts to max_len (head + end): score them the same way
-            enc = encode_text(
-                records, tok, loaded.labels, cut["max_len"], True, str(data.path),
-                cut["keep_head"],
-            )  # fmt: skip
-        else:
-            enc = encode_text(records, tok, loaded.labels, ctx, truncate, str(data.path))
+        cut = (loaded.meta or {}).get("cut")  # the run cut its texts: score them the same way
+        max_len, head = (cut["max_len"], cut["keep_head"]) if cut else (ctx, 0)
+        enc = encode_text(
+            records, tok, loaded.labels, max_len, truncate or bool(cut), str(data.path), head
+        )
         scores = class_metrics(loaded.classifier, enc, len(loaded.labels), batch_size)
         return {**out, **scores, "labels": loaded.labels}
     template = loaded.chat_template()
