@@ -5,6 +5,8 @@
     python bench/finetune.py spam                  # (c) SpamAssassin: the fine-tuned classifier vs
                                                    #     majority class and bag-of-words logistic
                                                    #     regression on the same split
+    python bench/finetune.py spam --dev ...        #     choose its settings: train on 4/5 of the
+                                                   #     training split, score the other fifth
     python bench/finetune.py throughput            # (d) tokens/s and MFU of LoRA and full SFT steps
     python bench/finetune.py --model small throughput --cpu-time
                                                    #     the demo model's shape; 1 thread timed
