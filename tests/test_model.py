@@ -220,6 +220,8 @@ def test_classifier_and_reward_model_flops_leave_out_the_unused_output_head():
     assert clf.trunk.forward_flops_per_token(head=False) == clf.trunk.forward_flops_per_token() - (
         2 * V * C
     )
+    value = ScalarHead(Transformer(cfg), value_head=True)  # PPO: the policy's head runs as well
+    assert value.flops_per_token() == value.trunk.flops_per_token() + 6 * C
     train_last_blocks(clf, 1)  # the frozen tied head would cost 4 per weight: it costs nothing
     assert clf.flops_per_token() == clf.trunk.flops_per_token() - 4 * V * C + 6 * 3 * C
 

@@ -32,9 +32,12 @@ def last_real_index(segments: Tensor) -> Tensor:
     return T - 1 - real.flip(-1).argmax(dim=-1)
 
 
-def head_flops(trunk: Transformer, head: nn.Linear, context_len: int | None) -> float:
-    """Training FLOPs per token of trunk -> hidden states -> a small trained linear head."""
-    return trunk.flops_per_token(context_len, head=False) + 6.0 * head.weight.numel()
+def head_flops(
+    trunk: Transformer, head: nn.Linear, context_len: int | None, lm_head: bool = False
+) -> float:
+    """Training FLOPs per token of trunk -> hidden states -> a small trained linear head; the
+    trunk's own output head counts only where it runs too (`lm_head`: PPO's policy)."""
+    return trunk.flops_per_token(context_len, head=lm_head) + 6.0 * head.weight.numel()
 
 
 class Classifier(nn.Module):
@@ -62,11 +65,15 @@ class Classifier(nn.Module):
 
 
 class ScalarHead(nn.Module):
-    """trunk (a Transformer) -> Linear(n_embd, 1) at every position: one float per token."""
+    """trunk (a Transformer) -> Linear(n_embd, 1) at every position: one float per token.
 
-    def __init__(self, trunk: Transformer) -> None:
+    value_head=True: PPO's value head, on a policy whose output head runs too (it counts in the
+    FLOPs); a reward model's never runs.
+    """
+
+    def __init__(self, trunk: Transformer, value_head: bool = False) -> None:
         super().__init__()
-        self.trunk = trunk
+        self.trunk, self.value_head = trunk, value_head
         self.cfg = trunk.cfg
         self.head = nn.Linear(trunk.cfg.n_embd, 1, bias=True)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -83,8 +90,8 @@ class ScalarHead(nn.Module):
         return values[range(ids.shape[0]), last_real_index(segments)]
 
     def flops_per_token(self, context_len: int | None = None) -> float:
-        """Training FLOPs per token: the trunk's without its output head (never run here)."""
-        return head_flops(self.trunk, self.head, context_len)
+        """Training FLOPs per token: the trunk's, its output head only under a value head."""
+        return head_flops(self.trunk, self.head, context_len, lm_head=self.value_head)
 
 
 def train_last_blocks(model: Classifier, n: int) -> None:

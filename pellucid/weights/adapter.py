@@ -73,7 +73,7 @@ def build(base: Transformer, meta: dict[str, Any]) -> nn.Module:
         model = Classifier(base, len(meta["labels"]))
         train_last_blocks(model, int(meta.get("train_last", -1)))
     if meta["task"] in ("reward", "ppo"):  # PPO trains its value head on the policy
-        model = ScalarHead(base)
+        model = ScalarHead(base, value_head=meta["task"] == "ppo")
     if meta["method"] == "lora":
         lora = meta["lora"]
         trunk = model.trunk if isinstance(model, (Classifier, ScalarHead)) else model
