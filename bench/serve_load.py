@@ -11,8 +11,9 @@ of tokens with probability --disconnect. Per level it reports HTTP 5xx and error
 time to first token (TTFT) and inter-token latency (ITL), aggregate tokens/s (tokens received
 by all clients / wall time), whether /health shows no active sequence within 2 s afterwards, and
 the server's peak RSS while serving (VmHWM, reset after the warm-up so the model load's own peak
-does not hide it). Then `pellucid generate` in the same --quant mode, for the single-client
-ratio. llama.cpp's server (`pip install -e '.[bench]'`: llama-cpp-python[server], built from
+does not hide it). Then the single-client ratio: --pairs times, one streamed request of the
+first prompt alternated with one `pellucid generate` run of it in the same --quant mode, the
+median of each side (alternating makes the machine's drift hit both). llama.cpp's server (`pip install -e '.[bench]'`: llama-cpp-python[server], built from
 source) then runs the same load on the same GGUF, with --n_threads set to every core as torch
 uses them; it has no `ignore_eos`, so its requests forbid the end-of-turn tokens with
 `logit_bias` instead (pellucid refuses logit_bias), and both run every request to 64 tokens.
@@ -182,7 +183,13 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def run_level(
-    url: str, model: str, n: int, args: argparse.Namespace, rng: random.Random, extra: dict
+    url: str,
+    model: str,
+    n: int,
+    args: argparse.Namespace,
+    rng: random.Random,
+    extra: dict,
+    requests: int | None = None,
 ) -> dict:
     plans = [
         [
@@ -190,7 +197,7 @@ async def run_level(
                 PROMPTS[(c + k) % len(PROMPTS)],
                 rng.randint(1, args.tokens - 8) if rng.random() < args.disconnect else None,
             )
-            for k in range(args.requests)
+            for k in range(requests or args.requests)
         ]
         for c in range(n)
     ]
@@ -252,32 +259,29 @@ def back_to_idle(url: str, timeout: float = 2.0) -> bool | None:
     return False
 
 
-def generate_tokens_per_s(args: argparse.Namespace) -> float:
-    """`pellucid generate --json` decode tokens/s, same mode and length (best of 2 runs)."""
-    best = 0.0
-    for _ in range(2):
-        cmd = [
-            sys.executable,
-            "-m",
-            "pellucid",
-            "generate",
-            PROMPTS[0],
-            "--chat",
-            "--json",
-            "--max-new-tokens",
-            str(args.tokens),
-            "--temperature",
-            "0",
-            "--top-logprobs",
-            "0",  # the API requests ask for no logprobs either
-            "--quant",
-            args.quant,
-        ]
-        if args.model:
-            cmd += ["--model", args.model]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        best = max(best, json.loads(out)["timing"]["decode_tokens_per_s"])
-    return best
+def generate_once(args: argparse.Namespace) -> float:
+    """`pellucid generate --json`'s decode tokens/s on PROMPTS[0], same mode and length."""
+    cmd = [sys.executable, "-m", "pellucid", "generate", PROMPTS[0], "--chat", "--json",
+           "--max-new-tokens", str(args.tokens), "--temperature", "0",
+           "--top-logprobs", "0", "--quant", args.quant]  # fmt: skip
+    if args.model:
+        cmd += ["--model", args.model]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["timing"]["decode_tokens_per_s"]
+
+
+def paired_one_client(url: str, model: str, args: argparse.Namespace) -> dict:
+    """One client against `pellucid generate`, alternated --pairs times on the same prompt and
+    length: a server request, then a `generate` process (the server idle meanwhile). Both sides
+    take the median of their runs at the same moments, so drift and noise hit them alike."""
+    served, generated = [], []
+    uncut = argparse.Namespace(**{**vars(args), "disconnect": 0})
+    for _ in range(args.pairs):
+        level = asyncio.run(run_level(url, model, 1, uncut, random.Random(0), PELLUCID_EXTRA, 1))
+        served.append(level["per_request_decode_tokens_per_s"])
+        generated.append(generate_once(args))
+    one, gen = statistics.median(served), statistics.median(generated)
+    return {"served": served, "generated": generated, "one_client": one, "generate": gen}
 
 
 def run_all(
@@ -360,7 +364,7 @@ def verdict(ok: bool) -> str:
 
 
 def markdown(
-    levels: list[dict], gen_tps: float, llama: list[dict] | str, args: argparse.Namespace
+    levels: list[dict], paired: dict | None, llama: list[dict] | str, args: argparse.Namespace
 ) -> str:
     """The bench/RESULTS.md section: the table and each goal of issue 11, met or not."""
     cpu = subprocess.run(
@@ -392,12 +396,13 @@ def markdown(
             lines.append(
                 f"- {n} clients, pellucid vs llama.cpp's server: {r:.2f}x aggregate tokens/s{goal}"
             )
-    if 1 in by_n and gen_tps:
-        one = by_n[1]["per_request_decode_tokens_per_s"]
-        r = one / gen_tps
+    if paired:
+        one, gen = paired["one_client"], paired["generate"]
+        r = one / gen
         lines.append(
-            f"- one client {one:.1f} decode tokens/s vs `pellucid generate` {gen_tps:.1f} (same "
-            f"--quant {args.quant}): {r:.0%} (goal >= 90%: {verdict(r >= 0.9)})"
+            f"- one client {one:.1f} decode tokens/s vs `pellucid generate` {gen:.1f} (same "
+            f"--quant {args.quant}; medians of {args.pairs} alternated runs each): {r:.0%} "
+            f"(goal >= 90%: {verdict(r >= 0.9)})"
         )
     for name, server in (
         ("pellucid", levels),
@@ -437,6 +442,12 @@ def main() -> None:
         action="store_true",
         help="skip llama.cpp's server (on a busy machine its spinning threads take hours)",
     )
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        default=7,
+        help="one-client requests alternated with `pellucid generate` runs (0: none)",
+    )
     ap.add_argument("--json-out", help="write every figure as JSON here")
     ap.add_argument("--markdown", action="store_true", help="print a bench/RESULTS.md section")
     args = ap.parse_args()
@@ -451,18 +462,19 @@ def main() -> None:
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         levels = run_all(url, model, args, pid, PELLUCID_EXTRA)
+        paired = paired_one_client(url, model, args) if args.pairs else None
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
-    gen_tps = generate_tokens_per_s(args) if 1 in args.clients else 0.0
-    print(f"pellucid generate: {gen_tps:.1f} decode tokens/s", flush=True)
+    if paired:
+        print(f"one client vs pellucid generate, alternated: {json.dumps(paired)}", flush=True)
     llama = "skipped (--no-llama-cpp)" if args.no_llama_cpp else llama_cpp_levels(args)
     if isinstance(llama, str):
         print(f"llama.cpp server: {llama}", flush=True)
     result = {
         "levels": levels,
-        "generate_tokens_per_s": gen_tps,
+        "one_client_vs_generate": paired,
         "llama_cpp": llama,
         "args": dict(vars(args).items()),
     }
@@ -470,7 +482,7 @@ def main() -> None:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)
     if args.markdown:
-        print(markdown(levels, gen_tps, llama, args))
+        print(markdown(levels, paired, llama, args))
 
 
 if __name__ == "__main__":
