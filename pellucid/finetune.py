@@ -103,6 +103,35 @@ class FinetuneRun:
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)  # task "dpo" only
 
+    def __post_init__(self) -> None:
+        """A `finetune.*` key that would shape training, set on a run that never reads it, is
+        refused: left to be silently ignored, it would claim a run that did not happen."""
+        ft, default = self.finetune, FinetuneConfig()
+        for key, tasks in TASK_KEYS.items():
+            if getattr(ft, key) != getattr(default, key) and self.task not in tasks:
+                raise ConfigError(
+                    f"config key 'finetune.{key}' applies to {' and '.join(tasks)} runs, not "
+                    f"to this {self.task} run"
+                )
+        if ft.train_last != default.train_last and self.lora.enabled:
+            raise ConfigError("config key 'finetune.train_last' trains whole blocks; with LoRA "
+                              "the adapters train instead: use one or the other")  # fmt: skip
+        if ft.keep_head and not ft.truncate:
+            raise ConfigError("config key 'finetune.keep_head' shapes how long texts are cut: "
+                              "it needs finetune.truncate=true")  # fmt: skip
+
+
+# The `finetune.*` keys that shape what a run trains on and that only some tasks read. (The
+# scoring budgets, eval_max and max_new_tokens, are left out: one list of settings may serve runs
+# of every task, and an unused budget changes nothing a run learns.)
+TASK_KEYS = {
+    "pack": ("sft",),
+    "keep_head": ("classify",),
+    "train_last": ("classify",),
+    "pad_side": ("classify",),
+    "group_by_length": ("sft", "classify"),
+}
+
 
 # Fine-tuning starts from a trained model: a short warmup, few steps, no weight decay, and a
 # learning rate about 10x higher for LoRA's small fresh matrices than for the whole model.

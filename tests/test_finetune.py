@@ -21,7 +21,7 @@ import torch
 from pellucid import finetune
 from pellucid.cli import main
 from pellucid.data.jsonl import read_jsonl, split
-from pellucid.errors import DataError, WeightsFormatError
+from pellucid.errors import ConfigError, DataError, WeightsFormatError
 from pellucid.files import sha256_file
 from pellucid.train.trainer import TrainConfig, TrainState
 from pellucid.weights.adapter import spec_sha256
@@ -204,6 +204,29 @@ def test_classify_scores_validation_once_after_training_in_the_run_dtype(
     assert result.after["n"] == 8  # 10% of the 80 rows
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("task", "lora", "key", "message"),
+    [
+        ("sft", True, "finetune.keep_head=2", "applies to classify runs, not to this sft run"),
+        ("sft", True, "finetune.train_last=1", "applies to classify runs"),
+        ("classify", False, "finetune.pack=true", "applies to sft runs, not to this classify"),
+        ("dpo", True, "finetune.group_by_length=true", "applies to sft and classify runs"),
+        ("reward", True, "finetune.pad_side=left", "applies to classify runs"),
+        ("classify", True, "finetune.train_last=1", "with LoRA the adapters train instead"),
+        ("classify", False, "finetune.keep_head=2", "it needs finetune.truncate=true"),
+    ],
+)
+def test_keys_a_run_would_ignore_are_refused(task, lora, key, message):
+    # finetune.keep_head on an SFT run, or --train-last with --lora, used to be silently ignored:
+    # the run's config then recorded a cut or a freeze that never happened.
+    with pytest.raises(ConfigError, match=message):
+        finetune.load_finetune_config(task, "m", "d.jsonl", lora=lora, assignments=[key])
+    ok = finetune.load_finetune_config(
+        "classify", "m", "d.jsonl", assignments=["finetune.truncate=true", "finetune.keep_head=2"]
+    )
+    assert ok.finetune.keep_head == 2
 
 
 def test_classify_cuts_head_and_tail_and_groups_batches_by_length(files, tmp_path, monkeypatch):
