@@ -13,10 +13,11 @@ by all clients / wall time), whether /health shows no active sequence within 2 s
 the server's peak RSS while serving (VmHWM, reset after the warm-up so the model load's own peak
 does not hide it). Then the single-client ratio: --pairs times, one streamed request of the
 first prompt alternated with one `pellucid generate` run of it in the same --quant mode, the
-median of each side (alternating makes the machine's drift hit both). llama.cpp's server (`pip install -e '.[bench]'`: llama-cpp-python[server], built from
-source) then runs the same load on the same GGUF, with --n_threads set to every core as torch
-uses them; it has no `ignore_eos`, so its requests forbid the end-of-turn tokens with
-`logit_bias` instead (pellucid refuses logit_bias), and both run every request to 64 tokens.
+median of each side (alternating makes the machine's drift hit both). llama.cpp's server
+(`pip install -e '.[bench]'`: llama-cpp-python[server], built from source) then runs the same
+load on the same GGUF, with --n_threads set to every core as torch uses them; it has no
+`ignore_eos`, so its requests forbid the end-of-turn tokens with `logit_bias` instead (pellucid
+refuses logit_bias), and both run every request to 64 tokens.
 
 Goals (issue 11): 8 clients >= 3x the aggregate tokens/s of one client; one client >= 90% of
 `pellucid generate`'s decode tokens/s; zero 5xx and active sequences back to 0 after the
@@ -261,6 +262,7 @@ def back_to_idle(url: str, timeout: float = 2.0) -> bool | None:
 
 def generate_once(args: argparse.Namespace) -> float:
     """`pellucid generate --json`'s decode tokens/s on PROMPTS[0], same mode and length."""
+    # no logprobs, as the API requests ask for none
     cmd = [sys.executable, "-m", "pellucid", "generate", PROMPTS[0], "--chat", "--json",
            "--max-new-tokens", str(args.tokens), "--temperature", "0",
            "--top-logprobs", "0", "--quant", args.quant]  # fmt: skip
