@@ -190,7 +190,6 @@ async def run_level(
     args: argparse.Namespace,
     rng: random.Random,
     extra: dict,
-    requests: int | None = None,
 ) -> dict:
     plans = [
         [
@@ -198,7 +197,7 @@ async def run_level(
                 PROMPTS[(c + k) % len(PROMPTS)],
                 rng.randint(1, args.tokens - 8) if rng.random() < args.disconnect else None,
             )
-            for k in range(requests or args.requests)
+            for k in range(args.requests)
         ]
         for c in range(n)
     ]
@@ -277,9 +276,9 @@ def paired_one_client(url: str, model: str, args: argparse.Namespace) -> dict:
     length: a server request, then a `generate` process (the server idle meanwhile). Both sides
     take the median of their runs at the same moments, so drift and noise hit them alike."""
     served, generated = [], []
-    uncut = argparse.Namespace(**{**vars(args), "disconnect": 0})
+    one = argparse.Namespace(**{**vars(args), "requests": 1, "disconnect": 0})
     for _ in range(args.pairs):
-        level = asyncio.run(run_level(url, model, 1, uncut, random.Random(0), PELLUCID_EXTRA, 1))
+        level = asyncio.run(run_level(url, model, 1, one, random.Random(0), PELLUCID_EXTRA))
         served.append(level["per_request_decode_tokens_per_s"])
         generated.append(generate_once(args))
     one, gen = statistics.median(served), statistics.median(generated)
