@@ -189,7 +189,7 @@ def _meta(run: FinetuneRun, base_id: str, base_sha: str, labels: list[str] | Non
         "method": "lora" if lora.enabled else "full",
         "lora": dataclasses.asdict(lora) if lora.enabled else None,
         "labels": labels,
-        "train_last": -1 if lora.enabled else run.finetune.train_last,
+        "train_last": run.finetune.train_last,  # -1 unless a classify run without LoRA
     }
 
 
@@ -301,7 +301,7 @@ def _prepare(run: FinetuneRun) -> _Prepared:
         def scores(m: torch.nn.Module) -> dict[str, Any]:
             return class_metrics(m, val, len(labels), B) if val else {}
 
-    packed = ft.pack and run.task == "sft"  # rows of max_len tokens, several examples each
+    packed = ft.pack  # (SFT only) rows of max_len tokens, several examples each
     longest = max_len if packed else max(len(e.ids) for e in enc)
     check_fits(loaded.model.cfg, B, context_len=longest)  # before a batch of B rows is drawn
     lengths = [len(e.ids) for e in items] if ft.group_by_length and not packed else None
