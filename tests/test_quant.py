@@ -13,7 +13,7 @@ from test_gguf_weights import _reference_weights, _write
 
 from pellucid.errors import ConfigError
 from pellucid.infer.engine import Engine
-from pellucid.infer.quant import BLOCK, KIND, QuantLinear, pack, quantize_model
+from pellucid.infer.quant import BLOCK, KIND, QuantLinear, dequantize, pack, quantize_model
 from pellucid.infer.sampling import SamplingParams
 from pellucid.model.config import PRESETS
 from pellucid.model.transformer import Transformer
@@ -38,11 +38,16 @@ def test_q8_blocks_by_hand():
 
 def test_q4_blocks_by_hand_and_nibble_layout():
     w = torch.arange(32, dtype=torch.float32)[None] / 31 * 15 + 2.0  # min 2, max 17: d = 1
+    w = torch.cat([w, 20 - w], dim=1)  # a second block, its elements in the other order
     _, p, d, m = pack(w, "q4")
-    assert d[0, 0] == pytest.approx(1.0) and m[0, 0] == pytest.approx(2.0)
-    q = [round(v) for v in (w[0] - 2).tolist()]
-    assert p[0, 0] == q[0] | (q[16] << 4)  # byte j: element j low, element j + 16 high
-    assert p[0, 15] == q[15] | (q[31] << 4)
+    assert d[0].tolist() == pytest.approx([1.0, 1.0]) and m[0].tolist() == pytest.approx([2, 3])
+    q = [round(v) for v in (w[0, :32] - 2).tolist()] + [round(v) for v in (w[0, 32:] - 3).tolist()]
+    # GGUF's byte j of a block holds element j (low nibble) and j + 16 (high); the kernels' order
+    # puts bytes 0-7 of every block first, then bytes 8-15 of every block
+    gguf_bytes = [q[32 * b + j] | (q[32 * b + j + 16] << 4) for b in (0, 1) for j in range(16)]
+    assert p[0].tolist() == gguf_bytes[0:8] + gguf_bytes[16:24] + gguf_bytes[8:16] + gguf_bytes[24:]
+    want = torch.tensor(q, dtype=torch.float32) + torch.tensor([2.0, 3.0]).repeat_interleave(32)
+    torch.testing.assert_close(dequantize((KIND["q4"], p, d, m))[0], want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["q8", "q4"])

@@ -84,14 +84,21 @@ def pack(w: Tensor, mode: str) -> tuple:
     q = torch.round((blocks - lo[..., None]) / torch.where(d == 0, 1.0, d)[..., None]).clamp_(0, 15)
     q = q.to(torch.uint8)
     packed = q[..., :16] | (q[..., 16:] << 4)  # byte j: element j low, element j + 16 high
-    return (KIND["q4"], packed.reshape(N, K // 2).numpy(), d.numpy(), lo.numpy())
+    return (KIND["q4"], _kernel_order(packed.reshape(N, K // 2).numpy()), d.numpy(), lo.numpy())
+
+
+def _kernel_order(p: np.ndarray) -> np.ndarray:
+    """Q4 bytes (N, K/2) in GGUF's layout -> the kernels' order: bytes 0-7 of every block, then
+    bytes 8-15 of every block (kernels.py says why)."""
+    N, H = p.shape
+    return np.ascontiguousarray(p.reshape(N, H // 16, 2, 8).transpose(0, 2, 1, 3).reshape(N, H))
 
 
 def from_file(mode: str, arrays: tuple[np.ndarray, ...]) -> tuple:
     """A GGUF tensor's own blocks (FileBlocks.arrays()) -> kernel form, nothing rounded."""
     if mode == "q4":
         p, d, m = arrays
-        return (KIND["q4"], p, d, m)
+        return (KIND["q4"], _kernel_order(p), d, m)
     q, d = arrays
     return (KIND["q8"], q.view(np.uint8), d, _UNUSED)
 
@@ -106,7 +113,7 @@ def dequantize(mat: tuple) -> Tensor:
     if kind == KIND["q8"]:
         q = torch.from_numpy(a.view(np.int8)).float().view(N, nb, BLOCK)
         return (q * torch.from_numpy(s)[..., None]).view(N, nb * BLOCK)
-    p = torch.from_numpy(a).view(N, nb, 16)
+    p = torch.from_numpy(a).view(N, 2, nb, 8).transpose(1, 2).reshape(N, nb, 16)  # GGUF's order
     q = torch.cat([p & 15, p >> 4], dim=-1).float()  # (N, K/32, 32)
     return (torch.from_numpy(s)[..., None] * q + torch.from_numpy(m)[..., None]).view(N, nb * BLOCK)
 
