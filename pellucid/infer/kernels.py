@@ -52,8 +52,8 @@ _F = np.float32
 
 @_serial
 def _q4_inputs(x: np.ndarray) -> np.ndarray:  # pragma: no cover
-    """x (M, K) -> (M, 4, K/4): under kernel byte u of the first half of a row (block u >> 3,
-    byte u & 7), the elements in its low and its high nibble; then the same for the second half."""
+    """x (M, K) -> (M, 4, K/4): under kernel byte u of a row's first half (block u >> 3, byte
+    u & 7), the elements in its low and its high nibble; then the same for the second half."""
     M, Q = x.shape[0], x.shape[1] // 4
     xq = np.empty((M, 4, Q), _F)
     for r in range(M):
@@ -64,27 +64,34 @@ def _q4_inputs(x: np.ndarray) -> np.ndarray:  # pragma: no cover
     return xq
 
 
-@_parallel
+@_serial
 def q4_matmul(
     p: np.ndarray, d: np.ndarray, m: np.ndarray, x: np.ndarray, out: np.ndarray, add: bool
 ) -> None:  # pragma: no cover
     """out (M, N) = x (M, K) @ W^T, or += with add; W in Q4 blocks p (N, K/2) in the kernel byte
     order (above), d, m (N, K/32)."""
-    M, N, Q = x.shape[0], p.shape[0], p.shape[1] // 2
-    nb = Q // 8
     xq = _q4_inputs(x)
-    M4 = M - M % 4
-    # Rows left over from the groups of 4, each in the one-row form: per kernel byte f (as a
-    # float), f * lo + floor(f / 16) * (hi - 16 lo) = lo * x_lo + hi * x_hi; the block
-    # minimums through the block sums of x.
-    x2, xsum = np.empty((M, 2, Q), _F), np.zeros((M, nb), _F)
-    for r in range(M4, M):
-        for u in range(Q):
-            x2[r, 0, u] = xq[r, 1, u] - _F(16.0) * xq[r, 0, u]
-            x2[r, 1, u] = xq[r, 3, u] - _F(16.0) * xq[r, 2, u]
-            xsum[r, u >> 3] += xq[r, 0, u] + xq[r, 1, u] + xq[r, 2, u] + xq[r, 3, u]
-    for n in prange(N):
-        for g in range(0, M4, 4):  # 4 input rows per pass: each weight decoded once for them
+    M4 = x.shape[0] - x.shape[0] % 4
+    if M4:
+        _q4_groups(p, d, m, xq, out, add, M4)
+    for r in range(M4, x.shape[0]):
+        # f * lo + floor(f / 16) * (hi - 16 lo) = lo * x_lo + hi * x_hi for a byte f (a float)
+        lo_a, lo_b = xq[r, 0].copy(), xq[r, 2].copy()
+        hi_a, hi_b = xq[r, 1] - _F(16.0) * lo_a, xq[r, 3] - _F(16.0) * lo_b
+        xsum = np.zeros(d.shape[1], _F)
+        for u in range(lo_a.shape[0]):
+            xsum[u >> 3] += xq[r, 0, u] + xq[r, 1, u] + xq[r, 2, u] + xq[r, 3, u]
+        _q4_row(p, d, m, lo_a, hi_a, lo_b, hi_b, xsum, out[r], add)
+
+
+@_parallel
+def _q4_groups(
+    p: np.ndarray, d: np.ndarray, m: np.ndarray, xq: np.ndarray, out: np.ndarray, add: bool, M4: int
+) -> None:  # pragma: no cover
+    """Rows 0 .. M4-1 of q4_matmul, 4 input rows per pass: each weight decoded once for them."""
+    Q = p.shape[1] // 2
+    for n in prange(p.shape[0]):
+        for g in range(0, M4, 4):
             a0 = a1 = a2 = a3 = _F(0.0)
             for u in range(Q):
                 fa, fb = _F(p[n, u]), _F(p[n, Q + u])
@@ -106,17 +113,34 @@ def q4_matmul(
                     + w2 * xq[g + 3, 2, u] + w3 * xq[g + 3, 3, u]
                 )  # fmt: skip
             _put4(out, g, n, a0, a1, a2, a3, add)
-        for r in range(M4, M):
-            acc = _F(0.0)
-            for u in range(Q):  # one block per 8 lanes: its scale multiplies both halves' sum
-                fa, fb = _F(p[n, u]), _F(p[n, Q + u])
-                acc += d[n, u >> 3] * (
-                    fa * xq[r, 0, u] + np.floor(fa * _F(0.0625)) * x2[r, 0, u]
-                    + fb * xq[r, 2, u] + np.floor(fb * _F(0.0625)) * x2[r, 1, u]
-                )  # fmt: skip
-            for b in range(nb):
-                acc += m[n, b] * xsum[r, b]
-            out[r, n] = out[r, n] + acc if add else acc
+
+
+@_parallel
+def _q4_row(
+    p: np.ndarray,
+    d: np.ndarray,
+    m: np.ndarray,
+    lo_a: np.ndarray,
+    hi_a: np.ndarray,
+    lo_b: np.ndarray,
+    hi_b: np.ndarray,
+    xsum: np.ndarray,
+    out: np.ndarray,
+    add: bool,
+) -> None:  # pragma: no cover
+    """One input row of q4_matmul: out (N,) (+)= W x, x split as q4_matmul prepares it."""
+    Q = p.shape[1] // 2
+    for n in prange(p.shape[0]):
+        acc = _F(0.0)
+        for u in range(Q):  # one block per 8 lanes: its scale multiplies both halves' sum
+            fa, fb = _F(p[n, u]), _F(p[n, Q + u])
+            acc += d[n, u >> 3] * (
+                fa * lo_a[u] + np.floor(fa * _F(0.0625)) * hi_a[u]
+                + fb * lo_b[u] + np.floor(fb * _F(0.0625)) * hi_b[u]
+            )  # fmt: skip
+        for b in range(d.shape[1]):
+            acc += m[n, b] * xsum[b]
+        out[n] = out[n] + acc if add else acc
 
 
 @_parallel
