@@ -20,8 +20,10 @@ a vector of 8 lanes holds one block's half, and two vectors its whole block.
 
 Why the loops look the way they do (measured on AMD EPYCs with and without AVX-512,
 bench/RESULTS.md):
-- One flat loop over a weight row, reductions into scalars, no stores: LLVM vectorizes it (16
-  lanes). A loop that also stores, with an index like s[n, j >> 5], is not vectorized at all.
+- One flat loop over a weight row, reductions into scalars, no stores: LLVM vectorizes it (8
+  float lanes: it keeps to 256-bit vectors even compiling for AVX-512 CPUs such as znver4 and
+  sapphirerapids, read off the assembly). A loop that also stores, with an index like
+  s[n, j >> 5], is not vectorized at all.
 - Nibbles are split in float arithmetic: f = byte; hi = floor(f / 16); lo = f - 16 hi. With
   integer `& 15` / `>> 4` numba widens each byte to int64 and the loop runs at half the speed.
 - Q4 with one input row: x is split beforehand into the elements under the low and high nibbles
@@ -77,7 +79,7 @@ def q4_matmul(
         _q4_groups(p, d, m, xq, out, add, M4)
     for r in range(M4, x.shape[0]):
         # f * lo + floor(f / 16) * (hi - 16 lo) = lo * x_lo + hi * x_hi for a byte f (a float)
-        lo_a, lo_b = xq[r, 0].copy(), xq[r, 2].copy()
+        lo_a, lo_b = xq[r, 0], xq[r, 2]
         hi_a, hi_b = xq[r, 1] - _F(16.0) * lo_a, xq[r, 3] - _F(16.0) * lo_b
         xsum = np.zeros(d.shape[1], _F)
         for u in range(lo_a.shape[0]):
