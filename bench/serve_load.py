@@ -276,9 +276,9 @@ def paired_one_client(url: str, model: str, args: argparse.Namespace) -> dict:
     length: a server request, then a `generate` process (the server idle meanwhile). Both sides
     take the median of their runs at the same moments, so drift and noise hit them alike."""
     served, generated = [], []
-    one = argparse.Namespace(**{**vars(args), "requests": 1, "disconnect": 0})
+    single = argparse.Namespace(**{**vars(args), "requests": 1, "disconnect": 0})
     for _ in range(args.pairs):
-        level = asyncio.run(run_level(url, model, 1, one, random.Random(0), PELLUCID_EXTRA))
+        level = asyncio.run(run_level(url, model, 1, single, random.Random(0), PELLUCID_EXTRA))
         served.append(level["per_request_decode_tokens_per_s"])
         generated.append(generate_once(args))
     one, gen = statistics.median(served), statistics.median(generated)

@@ -27,15 +27,16 @@ bench/RESULTS.md):
 - Nibbles are split in float arithmetic: f = byte; hi = floor(f / 16); lo = f - 16 hi. With
   integer `& 15` / `>> 4` numba widens each byte to int64 and the loop runs at half the speed.
 - Q4 with one input row: x is split beforehand into the elements under the low and high nibbles
-  (xlo, xhi) and its block sums, so the block minimum costs m * sum(x) once per block; and
-  byte * xlo + hi * (xhi - 16 xlo) = lo * xlo + hi * xhi saves computing lo (12-26% faster).
+  (x_lo, x_hi) and its block sums, so the block minimum costs m * sum(x) once per block; and
+  byte * x_lo + hi * (x_hi - 16 x_lo) = lo * x_lo + hi * x_hi saves computing lo (12-26% faster).
   Each step takes a byte from both halves of one block, so the block's scale multiplies their
   sum once instead of each product (the kernel byte order above), and this loop is a parallel
   kernel of its own: inside the same function as the 4-row loop it gained nothing. On SmolLM2's
   Q4 matrices on an AVX2-only EPYC: 0.80-0.86x the time at one row; decoding 62 -> 76 tokens/s.
 - Several input rows (batched decoding): in groups of 4, each weight is decoded once and serves
   all 4 rows (the weights are read from memory once per step, not once per sequence).
-- Each kernel runs `prange` over output rows: one parallel region per matrix product.
+- Each kernel runs `prange` over output rows: one parallel region per matrix product (Q4 with
+  several input rows: one for the groups of 4, then one per row left over).
 """
 
 from __future__ import annotations
