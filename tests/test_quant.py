@@ -60,6 +60,21 @@ def test_kernels_equal_the_dequantized_matmul(linear, mode, rows):
     assert ql(x[None]).shape == (1, rows, 40)
 
 
+@pytest.mark.parametrize("rows", [4, 8, 13])
+def test_q4_row_groups_across_tiles_equal_the_dequantized_matmul(rows):
+    """K = 640: a row's Q4 inputs fill one whole tile of the group kernel (kernels.TILE bytes per
+    half) and part of a second; 13 rows run as a group of 8, a group of 4 and one row alone."""
+    from pellucid.infer import kernels
+
+    assert 640 // 4 > kernels.TILE > 640 // 8
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(640, 24, bias=False)
+    ql = QuantLinear(lin, "q4")
+    x = torch.randn(rows, 640)
+    want = x @ ql.dequantize().T
+    torch.testing.assert_close(ql(x), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize(("mode", "tol"), [("q8", 0.01), ("q4", 0.1)])
 def test_quantization_error_is_small(linear, mode, tol):
     w = linear.weight.detach()

@@ -33,10 +33,14 @@ bench/RESULTS.md):
   sum once instead of each product (the kernel byte order above), and this loop is a parallel
   kernel of its own: inside the same function as the 4-row loop it gained nothing. On SmolLM2's
   Q4 matrices on an AVX2-only EPYC: 0.80-0.86x the time at one row; decoding 62 -> 76 tokens/s.
-- Several input rows (batched decoding): in groups of 4, each weight is decoded once and serves
-  all 4 rows (the weights are read from memory once per step, not once per sequence).
+- Several input rows (batched decoding): each weight is decoded once and serves a group of rows
+  (the weights are read from memory once per step, not once per sequence): 4 rows in Q8 and F32,
+  8 in Q4 (then 4). Q4 groups read their inputs from a copy in tiles whose 32 streams sit at
+  constant offsets (_q4_tiles): at the rows' own strides the 8-row loop needed a register per
+  stream and spilled. 8 rows of SmolLM2's Q4 matrices on an AVX2-only EPYC: 0.81-0.87x the time
+  of the 4-row loop it replaced.
 - Each kernel runs `prange` over output rows: one parallel region per matrix product (Q4 with
-  several input rows: one for the groups of 4, then one per row left over).
+  several input rows: one for the groups, then one per row left over).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ from numba import njit, prange
 # exception from deep inside a kernel.
 _parallel = njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 _serial = njit(fastmath=True, cache=True, error_model="numpy")
+# inlined into their callers at compile time: constant arguments (a loop count, a flag) fold
+_inline = njit(inline="always", fastmath=True, error_model="numpy")
 
 Q4, Q8, F32 = 0, 1, 2  # matrix kinds
 _F = np.float32
@@ -75,10 +81,11 @@ def q4_matmul(
     """out (M, N) = x (M, K) @ W^T, or += with add; W in Q4 blocks p (N, K/2) in the kernel byte
     order (above), d, m (N, K/32)."""
     xq = _q4_inputs(x)
-    M4 = x.shape[0] - x.shape[0] % 4
-    if M4:
-        _q4_groups(p, d, m, xq, out, add, M4)
-    for r in range(M4, x.shape[0]):
+    M = x.shape[0]
+    R = M - M % 4  # rows in groups (of 8, then one of 4), the 1-3 others one at a time
+    if R:
+        _q4_groups(p, d, m, _q4_tiles(xq, R), out, add, R)
+    for r in range(R, M):
         # f * lo + floor(f / 16) * (hi - 16 lo) = lo * x_lo + hi * x_hi for a byte f (a float)
         lo_a, lo_b = xq[r, 0], xq[r, 2]
         hi_a, hi_b = xq[r, 1] - _F(16.0) * lo_a, xq[r, 3] - _F(16.0) * lo_b
@@ -88,35 +95,108 @@ def q4_matmul(
         _q4_row(p, d, m, lo_a, hi_a, lo_b, hi_b, xsum, out[r], add)
 
 
+# Row groups read their inputs in tiles of TILE kernel bytes per half (4 TILE weights), each of
+# a group's 32 input streams (8 rows x the 4 parts of _q4_inputs) STRIDE floats after the last:
+# constants, so one register addresses all 32 (fixed offsets). With the streams at the rows' own
+# runtime strides LLVM ran out of registers for their addresses and reloaded 7 from the stack at
+# every step. STRIDE = TILE + 8 staggers the streams across cache sets.
+TILE = 128
+STRIDE = TILE + 8
+
+
+@_serial
+def _q4_tiles(xq: np.ndarray, R: int) -> np.ndarray:  # pragma: no cover
+    """Rows 0 .. R-1 of _q4_inputs (M, 4, Q), R a multiple of 4, in tiles: (G * T, 32 STRIDE)
+    with row group g (rows 8 g .. 8 g + 7, the last maybe 4) in tile t (kernel bytes t TILE ..)
+    at row g T + t, and its row r's part k at columns (4 r + k) STRIDE + u."""
+    Q = xq.shape[2]
+    T = (Q + TILE - 1) // TILE
+    xt = np.empty(((R + 7) // 8 * T, 32 * STRIDE), _F)
+    for i in range(R):
+        for t in range(T):
+            o = t * TILE
+            n = min(TILE, Q - o)
+            for k in range(4):
+                c = (4 * (i % 8) + k) * STRIDE
+                xt[i // 8 * T + t, c : c + n] = xq[i, k, o : o + n]
+    return xt
+
+
 @_parallel
 def _q4_groups(
-    p: np.ndarray, d: np.ndarray, m: np.ndarray, xq: np.ndarray, out: np.ndarray, add: bool, M4: int
+    p: np.ndarray, d: np.ndarray, m: np.ndarray, xt: np.ndarray, out: np.ndarray, add: bool, R: int
 ) -> None:  # pragma: no cover
-    """Rows 0 .. M4-1 of q4_matmul, 4 input rows per pass: each weight decoded once for them."""
-    Q = p.shape[1] // 2
+    """Rows 0 .. R-1 of q4_matmul, R a multiple of 4, 8 input rows per pass (4 in the last if R %
+    8): each weight is decoded once for all of them. xt: the rows' inputs from _q4_tiles."""
     for n in prange(p.shape[0]):
-        for g in range(0, M4, 4):
-            a0 = a1 = a2 = a3 = _F(0.0)
-            for u in range(Q):
-                fa, fb = _F(p[n, u]), _F(p[n, Q + u])
-                ha, hb = np.floor(fa * _F(0.0625)), np.floor(fb * _F(0.0625))
-                la, lb = fa - _F(16.0) * ha, fb - _F(16.0) * hb
-                dj, mj = d[n, u >> 3], m[n, u >> 3]
-                w0, w1, w2, w3 = la * dj + mj, ha * dj + mj, lb * dj + mj, hb * dj + mj
-                a0 += w0 * xq[g, 0, u] + w1 * xq[g, 1, u] + w2 * xq[g, 2, u] + w3 * xq[g, 3, u]
-                a1 += (
-                    w0 * xq[g + 1, 0, u] + w1 * xq[g + 1, 1, u]
-                    + w2 * xq[g + 1, 2, u] + w3 * xq[g + 1, 3, u]
-                )  # fmt: skip
-                a2 += (
-                    w0 * xq[g + 2, 0, u] + w1 * xq[g + 2, 1, u]
-                    + w2 * xq[g + 2, 2, u] + w3 * xq[g + 2, 3, u]
-                )  # fmt: skip
-                a3 += (
-                    w0 * xq[g + 3, 0, u] + w1 * xq[g + 3, 1, u]
-                    + w2 * xq[g + 3, 2, u] + w3 * xq[g + 3, 3, u]
-                )  # fmt: skip
-            _put4(out, g, n, a0, a1, a2, a3, add)
+        for g in range(R // 8):
+            _put(out, 8 * g, n, _q4_group(p, d, m, xt, n, g, True), 8, add)
+        if R % 8:
+            _put(out, R - 4, n, _q4_group(p, d, m, xt, n, R // 8, False), 4, add)
+
+
+@_inline
+def _q4_group(
+    p: np.ndarray, d: np.ndarray, m: np.ndarray, xt: np.ndarray, n: int, g: int, eight: bool
+) -> tuple:  # pragma: no cover
+    """Weight row n times row group g (8 rows, or 4 without `eight`): the 8 sums (4 unused without
+    `eight`). Whole tiles run a loop of TILE steps (a constant count), the last partial tile its
+    own."""
+    Q = p.shape[1] // 2
+    T = (Q + TILE - 1) // TILE
+    acc = (_F(0.0), _F(0.0), _F(0.0), _F(0.0), _F(0.0), _F(0.0), _F(0.0), _F(0.0))
+    for t in range(T):
+        o = t * TILE
+        pa, pb, dn, mn = p[n, o:], p[n, Q + o :], d[n, o >> 3 :], m[n, o >> 3 :]
+        if o + TILE <= Q:
+            acc = _q4_tile(pa, pb, dn, mn, xt[g * T + t], TILE, acc, eight)
+        else:
+            acc = _q4_tile(pa, pb, dn, mn, xt[g * T + t], Q - o, acc, eight)
+    return acc
+
+
+@_inline
+def _q4_tile(
+    pa: np.ndarray,
+    pb: np.ndarray,
+    dn: np.ndarray,
+    mn: np.ndarray,
+    xi: np.ndarray,
+    L: int,
+    acc: tuple,
+    eight: bool,
+) -> tuple:  # pragma: no cover
+    """acc (8 rows' sums) + L kernel bytes of one tile: each byte pair's 4 weights decoded once,
+    times rows 0-3 of the group and, with `eight`, rows 4-7."""
+    lo = (acc[0], acc[1], acc[2], acc[3])
+    hi = (acc[4], acc[5], acc[6], acc[7])
+    for u in range(L):
+        fa, fb = _F(pa[u]), _F(pb[u])
+        ha, hb = np.floor(fa * _F(0.0625)), np.floor(fb * _F(0.0625))
+        la, lb = fa - _F(16.0) * ha, fb - _F(16.0) * hb
+        dj, mj = dn[u >> 3], mn[u >> 3]
+        w = (la * dj + mj, ha * dj + mj, lb * dj + mj, hb * dj + mj)
+        lo = _dot4(w, xi, 0, u, lo)
+        if eight:
+            hi = _dot4(w, xi, 16 * STRIDE, u, hi)
+    return (lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3])
+
+
+@_inline
+def _dot4(w: tuple, xi: np.ndarray, c: int, u: int, acc: tuple) -> tuple:  # pragma: no cover
+    """acc (4 rows) + the 4 weights w times each row's 4 parts; row r's part k at xi[c + (4 r + k)
+    STRIDE + u]."""
+    S = STRIDE
+    return (
+        acc[0] + w[0] * xi[c + u] + w[1] * xi[c + S + u]
+        + w[2] * xi[c + 2 * S + u] + w[3] * xi[c + 3 * S + u],
+        acc[1] + w[0] * xi[c + 4 * S + u] + w[1] * xi[c + 5 * S + u]
+        + w[2] * xi[c + 6 * S + u] + w[3] * xi[c + 7 * S + u],
+        acc[2] + w[0] * xi[c + 8 * S + u] + w[1] * xi[c + 9 * S + u]
+        + w[2] * xi[c + 10 * S + u] + w[3] * xi[c + 11 * S + u],
+        acc[3] + w[0] * xi[c + 12 * S + u] + w[1] * xi[c + 13 * S + u]
+        + w[2] * xi[c + 14 * S + u] + w[3] * xi[c + 15 * S + u],
+    )  # fmt: skip
 
 
 @_parallel
@@ -163,7 +243,7 @@ def q8_matmul(
                 a1 += w * x[g + 1, j]
                 a2 += w * x[g + 2, j]
                 a3 += w * x[g + 3, j]
-            _put4(out, g, n, a0, a1, a2, a3, add)
+            _put(out, g, n, (a0, a1, a2, a3), 4, add)
         for r in range(M4, M):
             acc = _F(0.0)
             for j in range(K):
@@ -186,7 +266,7 @@ def f32_matmul(
                 a1 += w[n, j] * x[g + 1, j]
                 a2 += w[n, j] * x[g + 2, j]
                 a3 += w[n, j] * x[g + 3, j]
-            _put4(out, g, n, a0, a1, a2, a3, add)
+            _put(out, g, n, (a0, a1, a2, a3), 4, add)
         for r in range(M4, M):
             acc = _F(0.0)
             for j in range(K):
@@ -195,12 +275,10 @@ def f32_matmul(
 
 
 @_serial
-def _put4(
-    out: np.ndarray, g: int, n: int, a0: float, a1: float, a2: float, a3: float, add: bool
-) -> None:  # pragma: no cover
-    if add:
-        a0, a1, a2, a3 = a0 + out[g, n], a1 + out[g + 1, n], a2 + out[g + 2, n], a3 + out[g + 3, n]
-    out[g, n], out[g + 1, n], out[g + 2, n], out[g + 3, n] = a0, a1, a2, a3
+def _put(out: np.ndarray, r: int, n: int, a: tuple, k: int, add: bool) -> None:  # pragma: no cover
+    """out[r + j, n] (+)= a[j] for the first k sums of a."""
+    for j in range(k):
+        out[r + j, n] = a[j] + out[r + j, n] if add else a[j]
 
 
 @_serial
