@@ -99,7 +99,8 @@ def q4_matmul(
 # a group's 32 input streams (8 rows x the 4 parts of _q4_inputs) STRIDE floats after the last:
 # constants, so one register addresses all 32 (fixed offsets). With the streams at the rows' own
 # runtime strides LLVM ran out of registers for their addresses and reloaded 7 from the stack at
-# every step. STRIDE = TILE + 8 staggers the streams across cache sets.
+# every step. STRIDE = TILE + 8 staggers the streams across cache sets. TILE is a multiple of 8:
+# a tile holds whole blocks, so its scales start at d[n, t TILE / 8].
 TILE = 128
 STRIDE = TILE + 8
 
