@@ -33,6 +33,9 @@ bench/RESULTS.md):
   sum once instead of each product (the kernel byte order above), and this loop is a parallel
   kernel of its own: inside the same function as the 4-row loop it gained nothing. On SmolLM2's
   Q4 matrices on an AVX2-only EPYC: 0.80-0.86x the time at one row; decoding 62 -> 76 tokens/s.
+  The block minimums ride in the same loop, each of a block's 8 lanes adding m * sum(x) / 8: a
+  second loop over the blocks after each row, with its own set-up and sums, made short rows
+  (K = 576) 1.6x slower from L1 and 1.17x from memory (one thread).
 - Several input rows (batched decoding): each weight is decoded once and serves a group of rows
   (the weights are read from memory once per step, not once per sequence): 4 rows in Q8 and F32,
   8 in Q4 (then 4). Q4 groups read their inputs from a copy in tiles whose 32 streams sit at
@@ -80,19 +83,16 @@ def q4_matmul(
 ) -> None:  # pragma: no cover
     """out (M, N) = x (M, K) @ W^T, or += with add; W in Q4 blocks p (N, K/2) in the kernel byte
     order (above), d, m (N, K/32)."""
-    xq = _q4_inputs(x)
     M = x.shape[0]
     R = M - M % 4  # rows in groups (of 8, then one of 4), the 1-3 others one at a time
     if R:
-        _q4_groups(p, d, m, _q4_tiles(xq, R), out, add, R)
-    for r in range(R, M):
+        _q4_groups(p, d, m, _q4_tiles(x, R), out, add, R)
+    xq = _q4_inputs(x[R:])
+    for r in range(M - R):
         # f * lo + floor(f / 16) * (hi - 16 lo) = lo * x_lo + hi * x_hi for a byte f (a float)
         lo_a, lo_b = xq[r, 0], xq[r, 2]
         hi_a, hi_b = xq[r, 1] - _F(16.0) * lo_a, xq[r, 3] - _F(16.0) * lo_b
-        xsum = np.zeros(d.shape[1], _F)
-        for u in range(lo_a.shape[0]):
-            xsum[u >> 3] += xq[r, 0, u] + xq[r, 1, u] + xq[r, 2, u] + xq[r, 3, u]
-        _q4_row(p, d, m, lo_a, hi_a, lo_b, hi_b, xsum, out[r], add)
+        _q4_row(p, d, m, lo_a, hi_a, lo_b, hi_b, _block_sums(xq[r]), out[R + r], add)
 
 
 # Row groups read their inputs in tiles of TILE kernel bytes per half (4 TILE weights), each of
@@ -106,20 +106,25 @@ STRIDE = TILE + 8
 
 
 @_serial
-def _q4_tiles(xq: np.ndarray, R: int) -> np.ndarray:  # pragma: no cover
-    """Rows 0 .. R-1 of _q4_inputs (M, 4, Q), R a multiple of 4, in tiles: (G * T, 32 STRIDE)
-    with row group g (rows 8 g .. 8 g + 7, the last maybe 4) in tile t (kernel bytes t TILE ..)
-    at row g T + t, and its row r's part k at columns (4 r + k) STRIDE + u."""
-    Q = xq.shape[2]
+def _q4_tiles(x: np.ndarray, R: int) -> np.ndarray:  # pragma: no cover
+    """Rows 0 .. R-1 of x (M, K), R a multiple of 4, split as _q4_inputs splits a row and laid
+    out in tiles: (G * T, 32 STRIDE) with row group g (rows 8 g .. 8 g + 7, the last maybe 4) in
+    tile t (kernel bytes t TILE ..) at row g T + t, and its row r's part k at columns
+    (4 r + k) STRIDE + u. Copied a block at a time: block b's 8 bytes of each half are kernel
+    bytes 8 b .. 8 b + 7, in one tile (TILE is a multiple of 8)."""
+    Q = x.shape[1] // 4
     T = (Q + TILE - 1) // TILE
     xt = np.empty(((R + 7) // 8 * T, 32 * STRIDE), _F)
     for i in range(R):
-        for t in range(T):
-            o = t * TILE
-            n = min(TILE, Q - o)
-            for k in range(4):
-                c = (4 * (i % 8) + k) * STRIDE
-                xt[i // 8 * T + t, c : c + n] = xq[i, k, o : o + n]
+        for b in range(Q // 8):
+            u, e = 8 * b, 32 * b
+            tile = xt[i // 8 * T + u // TILE]
+            c = 4 * (i % 8) * STRIDE + u % TILE
+            for j in range(8):
+                tile[c + j] = x[i, e + j]  # low nibbles of bytes 0-7
+                tile[c + STRIDE + j] = x[i, e + 16 + j]  # their high nibbles
+                tile[c + 2 * STRIDE + j] = x[i, e + 8 + j]  # bytes 8-15: low
+                tile[c + 3 * STRIDE + j] = x[i, e + 24 + j]  # and high
     return xt
 
 
@@ -200,6 +205,19 @@ def _dot4(w: tuple, xi: np.ndarray, c: int, u: int, acc: tuple) -> tuple:  # pra
     )  # fmt: skip
 
 
+@_serial
+def _block_sums(xq: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """One row of _q4_inputs (4, Q) -> (Q,): at kernel byte u, an eighth of the sum of the 32
+    elements of its block u >> 3 (the 8 lanes of a block add up to the whole sum)."""
+    s = np.empty(xq.shape[1], _F)
+    for b in range(xq.shape[1] // 8):
+        total = _F(0.0)
+        for u in range(8 * b, 8 * b + 8):
+            total += xq[0, u] + xq[1, u] + xq[2, u] + xq[3, u]
+        s[8 * b : 8 * b + 8] = total * _F(0.125)
+    return s
+
+
 @_parallel
 def _q4_row(
     p: np.ndarray,
@@ -213,7 +231,8 @@ def _q4_row(
     out: np.ndarray,
     add: bool,
 ) -> None:  # pragma: no cover
-    """One input row of q4_matmul: out (N,) (+)= W x, x split as q4_matmul prepares it."""
+    """One input row of q4_matmul: out (N,) (+)= W x, x split as q4_matmul prepares it; xsum:
+    _block_sums."""
     Q = p.shape[1] // 2
     for n in prange(p.shape[0]):
         acc = _F(0.0)
@@ -222,9 +241,7 @@ def _q4_row(
             acc += d[n, u >> 3] * (
                 fa * lo_a[u] + np.floor(fa * _F(0.0625)) * hi_a[u]
                 + fb * lo_b[u] + np.floor(fb * _F(0.0625)) * hi_b[u]
-            )  # fmt: skip
-        for b in range(d.shape[1]):
-            acc += m[n, b] * xsum[b]
+            ) + m[n, u >> 3] * xsum[u]  # fmt: skip
         out[n] = out[n] + acc if add else acc
 
 
