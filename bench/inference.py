@@ -224,11 +224,13 @@ class LlamaCpp:
         return clock() - start
 
 
-def breakdown(model, steps: int = 32) -> tuple[float, float]:
-    """(seconds per batch-1 decode step, of which in the matrix kernels): the FastDecoder's
-    forward and output head over a KV cache of 40 tokens, then every matrix of the step alone
-    on a random input (median of `steps`). The difference is the step's "other": norms, RoPE,
-    attention, cache writes, and the Python around them."""
+def breakdown(model, steps: int = 32) -> tuple[float, float, float]:
+    """(seconds per batch-1 decode step, of which in the matrix kernels, the rest): the
+    FastDecoder's forward and output head over a KV cache of 40 tokens, and every matrix of the
+    step alone on a random input, the two timed in turns (medians of `steps` each). The rest is
+    the step's "other": norms, RoPE, attention, cache writes, and the Python around them: the
+    median of each turn's difference, so a machine that drifts during the run moves both sides
+    of it alike (timed one after the other, the difference once came out negative)."""
     from pellucid.infer import kernels
     from pellucid.infer.decode import FastDecoder
     from pellucid.model.kv_cache import KVCache
@@ -237,11 +239,6 @@ def breakdown(model, steps: int = 32) -> tuple[float, float]:
     cache = KVCache(model.cfg, 1, 128)
     cache.advance(40)
     ids = torch.ones(1, 1, dtype=torch.long)
-    times = []
-    with torch.inference_mode():
-        for _ in range(steps):
-            times.append(timed(lambda: model.logits(fast.forward_hidden(ids, cache=cache)[:, -1])))
-            cache.advance(1)
     mats = [m for layer in fast.layers for m in (layer[1], layer[4], layer[6], layer[7])]
     mats.append(model.lm_head.mat)
     outs = [np.empty((1, m[1].shape[0]), np.float32) for m in mats]
@@ -251,9 +248,19 @@ def breakdown(model, steps: int = 32) -> tuple[float, float]:
         for m, x, out in zip(mats, xs, outs, strict=True):
             kernels.matmul(m, x, out, False)
 
-    matrices()
-    per_matrix = sorted(timed(matrices) for _ in range(steps))
-    return sorted(times)[steps // 2], per_matrix[steps // 2]
+    def step() -> None:
+        model.logits(fast.forward_hidden(ids, cache=cache)[:, -1])
+        cache.advance(1)
+
+    times, per_matrix = [], []
+    with torch.inference_mode():
+        step()  # warm-up: first calls load or compile the kernels
+        matrices()
+        for _ in range(steps):
+            times.append(timed(step))
+            per_matrix.append(timed(matrices))
+    other = [t - m for t, m in zip(times, per_matrix, strict=True)]
+    return tuple(float(np.median(v)) for v in (times, per_matrix, other))
 
 
 def perplexity(model, ids: list[int], window: int = 1024) -> float:
@@ -386,10 +393,10 @@ def main() -> None:
             + "; ".join(f"{k} " + ", ".join(f"{x:.1f}" for x in v) for k, v in r.items())
         )
     if args.breakdown and "auto" in args.modes.split(","):
-        step, mats = breakdown(systems["pellucid default (auto)"].model)
+        step, mats, other = breakdown(systems["pellucid default (auto)"].model)
         print(
             f"batch-1 decode step of the default mode: {step * 1e3:.2f} ms, of which matrices "
-            f"{mats * 1e3:.2f} ms and everything else {(step - mats) * 1e3:.2f} ms"
+            f"{mats * 1e3:.2f} ms and everything else {other * 1e3:.2f} ms (medians)"
         )
     if args.quality:
         held_out = tok.encode(text[-100_000:])
