@@ -68,13 +68,25 @@ def _q4_inputs(x: np.ndarray) -> np.ndarray:  # pragma: no cover
     """x (M, K) -> (M, 4, K/4): under kernel byte u of a row's first half (block u >> 3, byte
     u & 7), the elements in its low and its high nibble; then the same for the second half."""
     M, Q = x.shape[0], x.shape[1] // 4
-    xq = np.empty((M, 4, Q), _F)
+    xq = np.empty((M, 4 * Q), _F)
     for r in range(M):
-        for u in range(Q):
-            e = 32 * (u >> 3) + (u & 7)
-            xq[r, 0, u], xq[r, 1, u] = x[r, e], x[r, e + 16]
-            xq[r, 2, u], xq[r, 3, u] = x[r, e + 8], x[r, e + 24]
-    return xq
+        for b in range(Q // 8):
+            _split_block(x, r, b, xq[r], 8 * b, Q)
+    return xq.reshape(M, 4, Q)
+
+
+@_inline
+def _split_block(
+    x: np.ndarray, r: int, b: int, dst: np.ndarray, c: int, stride: int
+) -> None:  # pragma: no cover
+    """Block b of row r of x into the 4 parts of _q4_inputs: part k's 8 elements (kernel bytes
+    8 b .. 8 b + 7) at dst[c + k stride ..]."""
+    e = 32 * b
+    for j in range(8):
+        dst[c + j] = x[r, e + j]  # low nibbles of bytes 0-7
+        dst[c + stride + j] = x[r, e + 16 + j]  # their high nibbles
+        dst[c + 2 * stride + j] = x[r, e + 8 + j]  # bytes 8-15: low
+        dst[c + 3 * stride + j] = x[r, e + 24 + j]  # and high
 
 
 @_serial
@@ -117,14 +129,9 @@ def _q4_tiles(x: np.ndarray, R: int) -> np.ndarray:  # pragma: no cover
     xt = np.empty(((R + 7) // 8 * T, 32 * STRIDE), _F)
     for i in range(R):
         for b in range(Q // 8):
-            u, e = 8 * b, 32 * b
-            tile = xt[i // 8 * T + u // TILE]
+            u = 8 * b
             c = 4 * (i % 8) * STRIDE + u % TILE
-            for j in range(8):
-                tile[c + j] = x[i, e + j]  # low nibbles of bytes 0-7
-                tile[c + STRIDE + j] = x[i, e + 16 + j]  # their high nibbles
-                tile[c + 2 * STRIDE + j] = x[i, e + 8 + j]  # bytes 8-15: low
-                tile[c + 3 * STRIDE + j] = x[i, e + 24 + j]  # and high
+            _split_block(x, i, b, xt[i // 8 * T + u // TILE], c, STRIDE)
     return xt
 
 
