@@ -7,6 +7,8 @@
                                                    #     regression on the same split
     python bench/finetune.py spam --dev ...        #     choose its settings: train on 4/5 of the
                                                    #     training split, score the other fifth
+    python bench/finetune.py spam --score RUN      #     the classifier a --dev run chose, on the
+                                                   #     test split, no training
     python bench/finetune.py throughput            # (d) tokens/s and MFU of LoRA and full SFT steps
     python bench/finetune.py --model small throughput --cpu-time
                                                    #     the demo model's shape; 1 thread timed
@@ -50,7 +52,7 @@ import torch
 from pellucid.data.finetune import ExampleSampler, encode_lm, pad_lm
 from pellucid.data.jsonl import read_jsonl, split
 from pellucid.data.tasks import make_tasks, normalize_answer
-from pellucid.finetune import finetune, load_finetune_config
+from pellucid.finetune import evaluate_file, finetune, load_finetune_config
 from pellucid.train.evaluate import confusion_matrix, macro_f1
 from pellucid.train.metrics import matmul_flops, read_metrics
 from pellucid.train.objectives import sft_loss
@@ -277,6 +279,21 @@ def cmd_spam(args: argparse.Namespace) -> dict:
           f"{r['bow']['macro_f1']:.4f} macro-F1")  # fmt: skip
     if args.baselines_only:
         return r
+    if args.score:  # a classifier trained already (a --dev run): score it on this split as it is
+        t0 = time.perf_counter()
+        rows = [{"text": row.text, "label": row.label} for row in val_rows]
+        with tempfile.TemporaryDirectory() as tmp:
+            scored = evaluate_file(args.score, str(write_jsonl(Path(tmp) / "val.jsonl", rows)))
+        if scored["labels"] != labels:
+            raise SystemExit(f"{args.score} has labels {scored['labels']}, this set {labels}")
+        r["model"] = {k: scored[k] for k in ("accuracy", "macro_f1", "confusion", "n")} | {
+            "run_dir": args.score, "wall_s": time.perf_counter() - t0,
+        }  # fmt: skip
+        r["machine"] = machine()
+        m = r["model"]
+        print(f"{args.score}: {m['accuracy']:.4f} acc, {m['macro_f1']:.4f} macro-F1 on {m['n']} "
+              f"{'dev' if args.dev else 'test'} emails")  # fmt: skip
+        return r
     sets = [
         f"train.max_steps={args.steps}", f"train.batch_size={args.batch}",
         f"train.lr={args.lr}", f"train.min_lr={args.lr / 10}", f"train.seed={args.seed}",
@@ -441,6 +458,11 @@ def main() -> None:
         "scoring under bf16 autocast, on CPUs with bf16 matmuls)",
     )
     c.add_argument("--baselines-only", action="store_true")
+    c.add_argument(
+        "--score",
+        metavar="RUN",
+        help="no training: score this classify run (say, a --dev run's) on the split",
+    )
     c.add_argument("--out")
     t = sub.add_parser("throughput", help="(d): tokens/s and MFU of fine-tuning steps")
     t.add_argument("--methods", nargs="+", choices=["lora", "full"], default=["lora", "full"])
