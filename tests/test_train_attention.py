@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pellucid.model.config import PRESETS
+from pellucid.model.cpu_kernels import keep_mask
 from pellucid.model.layers import causal_dropout_attention, explicit_attention
 from pellucid.model.transformer import Transformer
 
@@ -19,20 +20,20 @@ def _qkv(B=2, H=4, K=2, T=10, D=4, dtype=torch.float64):
 
 
 def _reference(q, k, v, p, block, seed):
-    """softmax(causal q k^T / sqrt(D)) * keep / (1 - p) @ v over the full (T, T) matrix, with the
-    keep mask assembled from the draws the blocked path makes (block i: (B, H, b, end_i))."""
+    """softmax(causal q k^T / sqrt(D)) * mask @ v over the full (T, T) matrix, the mask (0 or
+    1 / (1 - p)) assembled from the draws the blocked path makes (block i: (B, H, b, end_i))."""
     B, H, T, _ = q.shape
     torch.manual_seed(seed)
-    keep = torch.zeros(B, H, T, T, dtype=torch.bool)
+    mask = torch.zeros(B, H, T, T, dtype=q.dtype)
     for start in range(0, T, block):
         end = min(T, start + block)
-        keep[..., start:end, :end] = torch.rand(B, H, end - start, end) >= p
+        mask[..., start:end, :end] = keep_mask((B, H, end - start, end), p)
     groups = H // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     weights = scores.masked_fill(~causal, -math.inf).softmax(-1)
-    return (weights * keep / (1 - p)) @ v, keep
+    return (weights * mask) @ v, mask > 0
 
 
 @pytest.mark.parametrize(("T", "block"), [(10, 4), (12, 4), (9, 64)])
