@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from pellucid.errors import PellucidError
 from pellucid.infer import kernels
@@ -108,3 +109,30 @@ def test_fast_decoder_refuses_to_run_past_the_cache():
     cache.advance(4)
     with pytest.raises(PellucidError, match="context length exceeded"):
         FastDecoder.build(model).forward_hidden(torch.tensor([[1]]), cache=cache)
+
+
+def test_fast_decoder_gives_the_same_bits_on_any_number_of_threads(monkeypatch):
+    """forward's threads take jobs as they come; one thread alone, or more parts than threads,
+    run every job all the same (nothing waits for a part that is not running)."""
+    import numba
+
+    model = _model("q4")
+    fast = FastDecoder.build(model)
+    ids = torch.randint(0, CFG.vocab_size, (3, 5), generator=torch.Generator().manual_seed(2))
+
+    def run() -> tuple[Tensor, Tensor]:
+        cache = KVCache(model.cfg, 3, 16)
+        cache.advance(torch.tensor([2, 0, 4]))
+        with torch.inference_mode():
+            return fast.forward_hidden(ids, cache=cache), cache.k[-1].clone()
+
+    want = run()
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        got_one_thread = run()
+    finally:
+        numba.set_num_threads(before)
+    monkeypatch.setattr(fast, "threads", lambda: 5)  # 5 parts on the threads there are
+    for got in (got_one_thread, run()):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -9,6 +9,7 @@ from pellucid.errors import ConfigError
 from pellucid.infer.sampling import (
     SamplingParams,
     apply_repetition_penalty,
+    greedy,
     min_p_filter,
     probabilities,
     process_logits,
@@ -135,6 +136,18 @@ def test_temperature_zero_is_argmax_and_temperature_scales_the_logits():
     assert probabilities(logits, 0.0).tolist() == [[0.0, 1.0, 0.0, 0.0]]
     assert torch.allclose(probabilities(logits, 0.5), torch.softmax(logits * 2, -1))
     assert sample(probabilities(logits, 0.0), torch.Generator().manual_seed(3)).item() == 1
+
+
+def test_greedy_is_torchs_argmax_first_among_ties():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 5, (6, 300), generator=g).float()  # many ties for the maximum
+    logits[2, 7] = math.inf
+    logits[3] = -math.inf  # all equal: the first
+    logits[4, 11] = math.nan  # numpy and torch both take a NaN as the maximum
+    for z in (logits, logits[:, ::2], logits.double()):  # a strided view, and not float32
+        got = greedy(z)
+        assert got.dtype == torch.int64 and got.shape == (6, 1)
+        assert got.tolist() == z.argmax(dim=-1, keepdim=True).tolist()
 
 
 def test_sample_is_seeded_and_never_picks_a_removed_token():

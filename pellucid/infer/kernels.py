@@ -1,5 +1,5 @@
-"""numba kernels for decoding on the CPU: matrix products over block-quantized weights, and the
-small per-layer steps around them (RMSNorm, RoPE + KV-cache write + attention, SwiGLU).
+"""numba kernels for decoding on the CPU: matrix products over block-quantized weights (the rest
+of a decode step, and the step as one kernel, are in step_kernel.py).
 
 Matrices come in "kernel form", one tuple whatever the format (quant.py builds them):
 
@@ -42,12 +42,14 @@ bench/RESULTS.md):
   constant offsets (_q4_tiles): at the rows' own strides the 8-row loop needed a register per
   stream and spilled. 8 rows of SmolLM2's Q4 matrices on an AVX2-only EPYC: 0.81-0.87x the time
   of the 4-row loop it replaced.
-- Each kernel runs `prange` over output rows: one parallel region per matrix product (Q4 with
-  several input rows: one for the groups, then one per row left over).
+- Every product is written for a range of output rows (`_rows`), so it runs two ways: `matmul`
+  splits the rows over the threads in one parallel region (`prange`), and step_kernel.forward
+  runs a whole decode step in one parallel region, its threads taking ranges of rows as jobs.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -90,21 +92,42 @@ def _split_block(
 
 
 @_serial
-def q4_matmul(
-    p: np.ndarray, d: np.ndarray, m: np.ndarray, x: np.ndarray, out: np.ndarray, add: bool
-) -> None:  # pragma: no cover
-    """out (M, N) = x (M, K) @ W^T, or += with add; W in Q4 blocks p (N, K/2) in the kernel byte
-    order (above), d, m (N, K/32)."""
+def _q4_prepare(x: np.ndarray) -> tuple:  # pragma: no cover
+    """What a Q4 product reads of x (M, K): (xt, R, lo_a, hi_a, lo_b, hi_b, sums). Rows 0 .. R-1
+    (R = M - M % 4) go in groups, their inputs in tiles xt (_q4_tiles); the 1-3 others one at a
+    time, each split as _q4_inputs splits it, (M - R, K/4) per part, with the high parts folded
+    (f * lo + floor(f / 16) * (hi - 16 lo) = lo * x_lo + hi * x_hi for a byte f, as a float) and
+    its block sums (_block_sums)."""
     M = x.shape[0]
     R = M - M % 4  # rows in groups (of 8, then one of 4), the 1-3 others one at a time
-    if R:
-        _q4_groups(p, d, m, _q4_tiles(x, R), out, add, R)
-    xq = _q4_inputs(x[R:])
+    xt = _q4_tiles(x, R) if R else np.empty((0, 32 * STRIDE), _F)
+    xq = _q4_inputs(x[R:])  # (M - R, 4, K/4)
+    lo_a, lo_b = xq[:, 0].copy(), xq[:, 2].copy()
+    hi_a, hi_b = xq[:, 1] - _F(16.0) * lo_a, xq[:, 3] - _F(16.0) * lo_b
+    sums = np.empty_like(lo_a)
     for r in range(M - R):
-        # f * lo + floor(f / 16) * (hi - 16 lo) = lo * x_lo + hi * x_hi for a byte f (a float)
-        lo_a, lo_b = xq[r, 0], xq[r, 2]
-        hi_a, hi_b = xq[r, 1] - _F(16.0) * lo_a, xq[r, 3] - _F(16.0) * lo_b
-        _q4_row(p, d, m, lo_a, hi_a, lo_b, hi_b, _block_sums(xq[r]), out[R + r], add)
+        sums[r] = _block_sums(xq[r])
+    return xt, R, lo_a, hi_a, lo_b, hi_b, sums
+
+
+@_serial
+def _q4_rows(
+    p: np.ndarray,
+    d: np.ndarray,
+    m: np.ndarray,
+    prep: tuple,
+    out: np.ndarray,
+    add: bool,
+    n0: int,
+    n1: int,
+) -> None:  # pragma: no cover
+    """Output rows n0 .. n1-1 of out (M, N) (+)= x (M, K) @ W^T, W in Q4 blocks p (N, K/2) in the
+    kernel byte order (above), d, m (N, K/32); prep: _q4_prepare(x)."""
+    xt, R, lo_a, hi_a, lo_b, hi_b, sums = prep
+    if R:
+        _q4_groups(p, d, m, xt, out, add, R, n0, n1)
+    for r in range(lo_a.shape[0]):
+        _q4_row(p, d, m, lo_a[r], hi_a[r], lo_b[r], hi_b[r], sums[r], out[R + r], add, n0, n1)
 
 
 # Row groups read their inputs in tiles of TILE kernel bytes per half (4 TILE weights), each of
@@ -135,13 +158,21 @@ def _q4_tiles(x: np.ndarray, R: int) -> np.ndarray:  # pragma: no cover
     return xt
 
 
-@_parallel
+@_serial
 def _q4_groups(
-    p: np.ndarray, d: np.ndarray, m: np.ndarray, xt: np.ndarray, out: np.ndarray, add: bool, R: int
+    p: np.ndarray,
+    d: np.ndarray,
+    m: np.ndarray,
+    xt: np.ndarray,
+    out: np.ndarray,
+    add: bool,
+    R: int,
+    n0: int,
+    n1: int,
 ) -> None:  # pragma: no cover
-    """Rows 0 .. R-1 of q4_matmul, R a multiple of 4, 8 input rows per pass (4 in the last if R %
-    8): each weight is decoded once for all of them. xt: the rows' inputs from _q4_tiles."""
-    for n in prange(p.shape[0]):
+    """Input rows 0 .. R-1 of _q4_rows, R a multiple of 4, 8 per pass (4 in the last if R % 8):
+    each weight is decoded once for all of them. xt: the rows' inputs from _q4_tiles."""
+    for n in range(n0, n1):
         for g in range(R // 8):
             _put(out, 8 * g, n, _q4_group(p, d, m, xt, n, g, True), 8, add)
         if R % 8:
@@ -225,7 +256,7 @@ def _block_sums(xq: np.ndarray) -> np.ndarray:  # pragma: no cover
     return s
 
 
-@_parallel
+@_serial
 def _q4_row(
     p: np.ndarray,
     d: np.ndarray,
@@ -237,11 +268,12 @@ def _q4_row(
     xsum: np.ndarray,
     out: np.ndarray,
     add: bool,
+    n0: int,
+    n1: int,
 ) -> None:  # pragma: no cover
-    """One input row of q4_matmul: out (N,) (+)= W x, x split as q4_matmul prepares it; xsum:
-    _block_sums."""
+    """One input row of _q4_rows: out[n0:n1] (+)= W[n0:n1] x, x split as _q4_prepare prepares it."""
     Q = p.shape[1] // 2
-    for n in prange(p.shape[0]):
+    for n in range(n0, n1):
         acc = _F(0.0)
         for u in range(Q):  # one block per 8 lanes: its scale multiplies both halves' sum
             fa, fb = _F(p[n, u]), _F(p[n, Q + u])
@@ -252,14 +284,15 @@ def _q4_row(
         out[n] = out[n] + acc if add else acc
 
 
-@_parallel
-def q8_matmul(
-    q: np.ndarray, s: np.ndarray, x: np.ndarray, out: np.ndarray, add: bool
+@_serial
+def _q8_rows(
+    q: np.ndarray, s: np.ndarray, x: np.ndarray, out: np.ndarray, add: bool, n0: int, n1: int
 ) -> None:  # pragma: no cover
-    """out (M, N) (+)= x (M, K) @ W^T with W = s * q, q (N, K) int8, s (N, K/32)."""
-    M, N, K = x.shape[0], q.shape[0], q.shape[1]
+    """Output rows n0 .. n1-1 of out (M, N) (+)= x (M, K) @ W^T with W = s * q, q (N, K) int8,
+    s (N, K/32)."""
+    M, K = x.shape[0], q.shape[1]
     M4 = M - M % 4
-    for n in prange(N):
+    for n in range(n0, n1):
         for g in range(0, M4, 4):
             a0 = a1 = a2 = a3 = _F(0.0)
             for j in range(K):
@@ -276,14 +309,14 @@ def q8_matmul(
             out[r, n] = out[r, n] + acc if add else acc
 
 
-@_parallel
-def f32_matmul(
-    w: np.ndarray, x: np.ndarray, out: np.ndarray, add: bool
+@_serial
+def _f32_rows(
+    w: np.ndarray, x: np.ndarray, out: np.ndarray, add: bool, n0: int, n1: int
 ) -> None:  # pragma: no cover
-    """out (M, N) (+)= x (M, K) @ w^T, w (N, K) float32."""
-    M, N, K = x.shape[0], w.shape[0], w.shape[1]
+    """Output rows n0 .. n1-1 of out (M, N) (+)= x (M, K) @ w^T, w (N, K) float32."""
+    M, K = x.shape[0], w.shape[1]
     M4 = M - M % 4
-    for n in prange(N):
+    for n in range(n0, n1):
         for g in range(0, M4, 4):
             a0 = a1 = a2 = a3 = _F(0.0)
             for j in range(K):
@@ -307,149 +340,57 @@ def _put(out: np.ndarray, r: int, n: int, a: tuple, k: int, add: bool) -> None: 
 
 
 @_serial
-def matmul(mat: tuple, x: np.ndarray, out: np.ndarray, add: bool) -> None:  # pragma: no cover
-    """out (M, N) = x (M, K) @ W^T (+ out with add) for a matrix in kernel form (kind, a, s, m)."""
+def _prepare(mat: tuple, x: np.ndarray) -> tuple:  # pragma: no cover
+    """What a product with this matrix reads besides x: _q4_prepare(x) for Q4, nothing (empty
+    arrays of the same types) for the others."""
+    if mat[0] == Q4:
+        return _q4_prepare(x)
+    none = np.empty((0, 0), _F)
+    return np.empty((0, 32 * STRIDE), _F), 0, none, none, none, none, none
+
+
+@_serial
+def _rows(
+    mat: tuple, x: np.ndarray, prep: tuple, out: np.ndarray, add: bool, n0: int, n1: int
+) -> None:  # pragma: no cover
+    """Output rows n0 .. n1-1 of out (M, N) = x (M, K) @ W^T (+ out with add), for a matrix in
+    kernel form (kind, a, s, m); prep: _prepare(mat, x)."""
     kind, a, s, m = mat
     if kind == Q4:
-        q4_matmul(a, s, m, x, out, add)
+        _q4_rows(a, s, m, prep, out, add, n0, n1)
     elif kind == Q8:
-        q8_matmul(a.view(np.int8), s, x, out, add)
+        _q8_rows(a.view(np.int8), s, x, out, add, n0, n1)
     else:
-        f32_matmul(a.view(np.float32), x, out, add)
+        _f32_rows(a.view(np.float32), x, out, add, n0, n1)
 
 
-# --- one decoding layer ---------------------------------------------------------------------------
+def threads() -> int:
+    """How many parts the kernels split their work into: numba's thread pool size (an attribute
+    read; numba.get_num_threads() takes ~2 us from Python, and a kernel that calls it is not
+    cached). Fewer live threads (numba.set_num_threads) each run several parts."""
+    return numba.config.NUMBA_NUM_THREADS
 
 
-@_serial
-def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:  # pragma: no cover
-    """(M, C) -> (M, C): x / sqrt(mean(x^2) + eps) * w, row by row (nn.RMSNorm)."""
-    out = np.empty_like(x)
-    for r in range(x.shape[0]):
-        ss = _F(0.0)
-        for i in range(x.shape[1]):
-            ss += x[r, i] * x[r, i]
-        inv = _F(1.0) / np.sqrt(ss / _F(x.shape[1]) + _F(eps))
-        for i in range(x.shape[1]):
-            out[r, i] = x[r, i] * inv * w[i]
-    return out
-
-
-@_serial
-def _head(
-    src: np.ndarray, dst: np.ndarray, norm: np.ndarray, eps: float, cos: np.ndarray, sin: np.ndarray
-) -> None:  # pragma: no cover
-    """One query or key head (D,): QK-norm if `norm` has weights, then RoPE, into dst (rotate-half
-    pairs (i, i + D/2); the cos/sin rows repeat their first half, see layers.rope_tables)."""
-    D, half = src.shape[0], src.shape[0] // 2
-    v = src.copy()
-    if norm.shape[0]:
-        ss = _F(0.0)
-        for i in range(D):
-            ss += v[i] * v[i]
-        v *= norm / np.sqrt(ss / _F(D) + _F(eps))
-    for i in range(half):
-        x1, x2 = v[i], v[i + half]
-        dst[i] = x1 * cos[i] - x2 * sin[i]
-        dst[i + half] = x2 * cos[i + half] + x1 * sin[i + half]
+def matmul(mat: tuple, x: np.ndarray, out: np.ndarray, add: bool) -> None:
+    """out (M, N) = x (M, K) @ W^T (+ out with add) for a matrix in kernel form (kind, a, s, m)."""
+    _matmul(mat, x, out, add, threads())
 
 
 @_parallel
-def attention(
-    proj: np.ndarray,
-    lengths: np.ndarray,
-    T: int,
-    kbuf: np.ndarray,
-    vbuf: np.ndarray,
-    cos: np.ndarray,
-    sin: np.ndarray,
-    q_norm: np.ndarray,
-    k_norm: np.ndarray,
-    eps: float,
-    H: int,
-) -> np.ndarray:  # pragma: no cover
-    """Attention of T new tokens per row over the KV cache, which receives their keys and values.
-
-    proj: (B * T, (H + 2 KV) D) the q, k, v projections of each new token (row b's token t is
-    proj[b * T + t], at position lengths[b] + t); kbuf, vbuf: (rows >= B, KV, L, D) the layer's
-    cache. Returns (B * T, H * D): softmax(q k^T / sqrt(D)) v per query head, each seeing the
-    positions up to its own; query head h reads key/value head h // (H / KV) (grouped-query).
-    """
-    KV, D = kbuf.shape[1], kbuf.shape[3]
-    M = proj.shape[0]
-    q = np.empty((M, H, D), _F)
-    for r in range(M):  # normalize and rotate; keys and values go straight into the cache
-        b, pos = r // T, lengths[r // T] + r % T
-        for h in range(H):
-            _head(proj[r, h * D : (h + 1) * D], q[r, h], q_norm, eps, cos[pos], sin[pos])
-        for g in range(KV):
-            _head(
-                proj[r, (H + g) * D : (H + g + 1) * D],
-                kbuf[b, g, pos],
-                k_norm,
-                eps,
-                cos[pos],
-                sin[pos],
-            )
-            vbuf[b, g, pos] = proj[r, (H + KV + g) * D : (H + KV + g + 1) * D]
-    out = np.empty((M, H * D), _F)
-    scale = _F(1.0 / np.sqrt(D))
-    for i in prange(M * H):
-        r, h = i // H, i % H
-        b, S = r // T, lengths[r // T] + r % T + 1
-        g = h // (H // KV)
-        scores = np.empty(S, _F)
-        top = _F(-np.inf)
-        for t in range(S):
-            acc = _F(0.0)
-            for e in range(D):
-                acc += q[r, h, e] * kbuf[b, g, t, e]
-            scores[t] = acc * scale
-            top = max(top, scores[t])
-        total = _F(0.0)
-        for t in range(S):
-            scores[t] = np.exp(scores[t] - top)
-            total += scores[t]
-        y = np.zeros(D, _F)
-        for t in range(S):
-            wt = scores[t] / total
-            for e in range(D):
-                y[e] += wt * vbuf[b, g, t, e]
-        out[r, h * D : (h + 1) * D] = y
-    return out
+def _matmul(
+    mat: tuple, x: np.ndarray, out: np.ndarray, add: bool, threads: int
+) -> None:  # pragma: no cover
+    """matmul, one range of output rows per part (threads()). Each part prepares x itself:
+    passing one prepared tuple into the parallel region cost more. Each _rows call costs ~0.4
+    us: 64 ranges instead of 2 took 1.2x the time of SmolLM2's down projection at one row."""
+    N = mat[1].shape[0]
+    for i in prange(threads):
+        _prepared_rows(mat, x, out, add, i * N // threads, (i + 1) * N // threads)
 
 
 @_serial
-def block(
-    x: np.ndarray,
-    lengths: np.ndarray,
-    T: int,
-    kbuf: np.ndarray,
-    vbuf: np.ndarray,
-    cos: np.ndarray,
-    sin: np.ndarray,
-    eps: float,
-    H: int,
-    w: tuple,
+def _prepared_rows(
+    mat: tuple, x: np.ndarray, out: np.ndarray, add: bool, n0: int, n1: int
 ) -> None:  # pragma: no cover
-    """One pre-norm Llama block on the residual stream x (B * T, C), in place:
-    x += o(attention(qkv(norm(x)))); x += down(silu(gate(norm(x))) * up(norm(x))).
-
-    w: (attn_norm, qkv, q_norm, k_norm, o, mlp_norm, gate_up, down), the matrices in kernel form
-    (qkv and gate_up each one fused matrix), norms as (C,) or (D,) weights ((0,): no QK-norm).
-    """
-    attn_norm, qkv, q_norm, k_norm, o, mlp_norm, gate_up, down = w
-    M = x.shape[0]
-    proj = np.empty((M, qkv[1].shape[0]), _F)
-    matmul(qkv, rms_norm(x, attn_norm, eps), proj, False)
-    y = attention(proj, lengths, T, kbuf, vbuf, cos, sin, q_norm, k_norm, eps, H)
-    matmul(o, y, x, True)
-    F = gate_up[1].shape[0] // 2
-    gu = np.empty((M, 2 * F), _F)
-    matmul(gate_up, rms_norm(x, mlp_norm, eps), gu, False)
-    act = np.empty((M, F), _F)
-    for r in range(M):
-        for i in range(F):
-            g = gu[r, i]
-            act[r, i] = g / (_F(1.0) + np.exp(-g)) * gu[r, F + i]  # silu(gate) * up
-    matmul(down, act, x, True)
+    """_rows n0 .. n1-1 with x prepared here."""
+    _rows(mat, x, _prepare(mat, x), out, add, n0, n1)
