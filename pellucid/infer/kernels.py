@@ -55,8 +55,10 @@ from numba import njit, prange
 
 # numba compiles these on first use and caches the machine code next to this file. NumPy's error
 # model: a division by zero gives inf/NaN (which the engine reports as NaN logits), not an
-# exception from deep inside a kernel.
-_parallel = njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+# exception from deep inside a kernel. The parallel kernels (the entry points) release the GIL:
+# they touch only the arrays they are given, and the server's event loop runs meanwhile (one
+# thread runs a model's kernels at a time: the engine's, or the server's scheduler thread).
+_parallel = njit(parallel=True, fastmath=True, cache=True, error_model="numpy", nogil=True)
 _serial = njit(fastmath=True, cache=True, error_model="numpy")
 # inlined into their callers at compile time: constant arguments (a loop count, a flag) fold
 _inline = njit(inline="always", fastmath=True, error_model="numpy")
