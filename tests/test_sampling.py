@@ -148,6 +148,8 @@ def test_greedy_is_torchs_argmax_first_among_ties():
         got = greedy(z)
         assert got.dtype == torch.int64 and got.shape == (6, 1)
         assert got.tolist() == z.argmax(dim=-1, keepdim=True).tolist()
+    assert greedy(logits[0]).tolist() == [int(logits[0].argmax())]  # one row: (V,) -> (1,)
+    assert probabilities(logits[0], 0.0).argmax().item() == logits[0].argmax().item()
 
 
 def test_sample_is_seeded_and_never_picks_a_removed_token():

@@ -10,8 +10,8 @@ matrices are in kernel form (quant.py) runs its decode steps as numba kernels, o
 step (step_kernel.forward, every layer in one parallel region: RMSNorm, the fused q/k/v product,
 QK-norm and RoPE, the KV-cache write, attention, the output projection, SwiGLU, the residual adds,
 the final norm), instead of some 270 small torch operations per step whose dispatch cost more
-than the matrix products. Same arithmetic, same
-KV cache, float32 throughout: the two paths agree to float rounding (tests/test_decode.py).
+than the matrix products. Same arithmetic, same KV cache, float32 throughout: the two paths agree
+to float rounding (tests/test_decode.py).
 Prefill (many tokens per row) stays on the model's own forward, where BLAS does the work.
 """
 
