@@ -57,13 +57,13 @@ class FastDecoder:
         from pellucid.infer import kernels, step_kernel  # numba: only when a model can use it
 
         self.step, self.threads = step_kernel, kernels.threads
-        self.model, self.layers = model, layers
+        self.model = model
         cfg = model.cfg
         self.eps, self.n_head = float(cfg.norm_eps), cfg.n_head
         self.emb = model.tok_emb.weight.detach().numpy()  # (V, C) a view
         self.norm = model.norm.weight.detach().numpy()
         self.cos, self.sin = model.rotary.cos.numpy(), model.rotary.sin.numpy()  # (context, D)
-        self._layers = step_kernel.typed_list(layers)
+        self.layers = step_kernel.typed_list(layers)  # one argument for every layer
         self._kv: tuple[list, list, list] = ([], [], [])  # cache.k it was made for, k, v views
 
     @classmethod
@@ -112,7 +112,7 @@ class FastDecoder:
         x = self.emb[ids.reshape(-1).numpy()]  # (B * T, C) a copy: the residual stream
         h = self.step.forward(
             x, cache.lengths.numpy(), T, k, v, self.cos, self.sin, self.eps, self.n_head,
-            self._layers, self.norm, self.threads(),
+            self.layers, self.norm, self.threads(),
         )  # fmt: skip
         return torch.from_numpy(h).view(B, T, -1)
 

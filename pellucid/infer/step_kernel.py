@@ -141,6 +141,16 @@ def _pause(typingctx: object) -> tuple:  # pragma: no cover
 
 
 @_inline
+def _claim(c: np.ndarray, finished: bool) -> int:  # pragma: no cover
+    """Count the job this thread just ran as done (if `finished`), then claim the next: its
+    index (the phase has none left when it is >= its number of jobs). A phase's loop:
+    `i = _claim(c, False)`, `while i < jobs: <job i>; i = _claim(c, True)`, `_wait(c, jobs)`."""
+    if finished:
+        _fetch_add(c, DONE)
+    return _fetch_add(c, 0)
+
+
+@_inline
 def _wait(c: np.ndarray, jobs: int) -> None:  # pragma: no cover
     """Spin until the phase's count of jobs done, c[DONE], reaches jobs."""
     while _load(c, DONE) < jobs:
@@ -162,14 +172,13 @@ def _product(
     rows. The input is prepared once per thread, after its first claim (so x is final by then)."""
     N = mat[1].shape[0]
     jobs = min(jobs, N)
-    i = _fetch_add(c, 0)
+    i = _claim(c, False)
     if i < jobs:
         xn = rms_norm(x, norm, eps) if norm.shape[0] else x
         prep = _prepare(mat, xn)
         while i < jobs:
             _rows(mat, xn, prep, out, add, i * N // jobs, (i + 1) * N // jobs)
-            _fetch_add(c, DONE)
-            i = _fetch_add(c, 0)
+            i = _claim(c, True)
     _wait(c, jobs)
 
 
@@ -191,15 +200,14 @@ def _cache_write(
     proj, lengths, T, kbuf, vbuf: as _attend."""
     KV, D = kbuf.shape[1], kbuf.shape[3]
     M = proj.shape[0]
-    r = _fetch_add(c, 0)
+    r = _claim(c, False)
     while r < M:
         b, pos = r // T, lengths[r // T] + r % T
         for g in range(KV):
             key = proj[r, (H + g) * D : (H + g + 1) * D]
             _head(key, kbuf[b, g, pos], k_norm, eps, cos[pos], sin[pos])
             vbuf[b, g, pos] = proj[r, (H + KV + g) * D : (H + KV + g + 1) * D]
-        _fetch_add(c, DONE)
-        r = _fetch_add(c, 0)
+        r = _claim(c, True)
     _wait(c, M)
 
 
@@ -230,7 +238,7 @@ def _attend(
     M = proj.shape[0]
     scale = _F(1.0 / np.sqrt(D))
     q = np.empty(D, _F)
-    i = _fetch_add(c, 0)
+    i = _claim(c, False)
     while i < M * H:
         r, h = i // H, i % H
         b, pos = r // T, lengths[r // T] + r % T
@@ -254,8 +262,7 @@ def _attend(
             for e in range(D):
                 y[e] += wt * vbuf[b, g, t, e]
         out[r, h * D : (h + 1) * D] = y
-        _fetch_add(c, DONE)
-        i = _fetch_add(c, 0)
+        i = _claim(c, True)
     _wait(c, M * H)
 
 
@@ -268,14 +275,13 @@ def _swiglu(c: np.ndarray, gu: np.ndarray, act: np.ndarray, jobs: int) -> None: 
     F = act.shape[1]
     blocks = (F + 63) // 64
     jobs = min(jobs, blocks)
-    i = _fetch_add(c, 0)
+    i = _claim(c, False)
     while i < jobs:
         for r in range(act.shape[0]):
             for e in range(i * blocks // jobs * 64, min((i + 1) * blocks // jobs * 64, F)):
                 g = gu[r, e]
                 act[r, e] = g / (_F(1.0) + np.exp(-g)) * gu[r, F + e]
-        _fetch_add(c, DONE)
-        i = _fetch_add(c, 0)
+        i = _claim(c, True)
     _wait(c, jobs)
 
 
