@@ -89,6 +89,23 @@ def test_the_real_probe_measures_both_dtypes():
     assert set(peaks) == {"float32", "bfloat16"} and all(v > 1e7 for v in peaks.values())
 
 
+@pytest.mark.parametrize(
+    ("bf16", "rounds"),
+    [(1e9, 1), (0.9e11, 1), (2.1e11, 3), (7.9e11, 3), (9e11, 1)],  # fp32 1e11: clear, close, clear
+)
+def test_the_probe_stops_after_one_round_when_the_answer_is_plain(bf16, rounds):
+    """A CPU without native bf16 (1 GFLOP/s against 126 for fp32) took 32 s of probing in three
+    rounds; far from the 2x threshold one round decides, near it all three are measured."""
+    calls = []
+
+    def rate(device, dtype, seconds):
+        calls.append(dtype)
+        return bf16 if dtype == torch.bfloat16 else 1e11
+
+    peaks = measure_peaks(rounds=3, rate=rate)
+    assert len(calls) == 2 * rounds and peaks == {"float32": 1e11, "bfloat16": bf16}
+
+
 # --- training under auto ---------------------------------------------------------------------------
 
 V, T = 96, 32

@@ -42,8 +42,9 @@ def matmul_flops(
     dtype: torch.dtype,
     seconds: float,
     clock: Callable[[], float] = time.perf_counter,
+    tries: int = 4,
 ) -> float:
-    """Best FLOP/s of square `dtype` matmuls on `dev` over about `seconds` (at least 4 tries).
+    """Best FLOP/s of square `dtype` matmuls on `dev` over about `seconds` (at least `tries`).
 
     clock: what a try is timed with (bench/train.py --cpu-time passes time.thread_time).
     """
@@ -62,7 +63,7 @@ def matmul_flops(
             a @ b
         _sync(dev)
         best = min(best, (clock() - t0) / reps)
-        if i >= 3 and time.perf_counter() > deadline:
+        if i + 1 >= tries and time.perf_counter() > deadline:
             break
     return 2 * n**3 / best
 

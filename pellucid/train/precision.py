@@ -2,8 +2,8 @@
 
 CPUs differ by a factor of ten here. With Intel AMX a bf16 matmul runs at about 2,460 GFLOP/s
 against 320 for fp32 (measured); AMD Zen 4's AVX512-BF16 gives about 2.2x; CPUs with neither run
-bf16 at about half the fp32 rate. Which one a run lands on is not ours to choose, so `auto` times
-fp32 and bf16 matmuls in turn (about a second), keeps the two rates per machine in
+bf16 at about half the fp32 rate or far less. Which one a run lands on is not ours to choose, so
+`auto` times fp32 and bf16 matmuls in turn (a second or two), keeps the two rates per machine in
 `$PELLUCID_HOME/probes/`, and trains under bf16 autocast where bf16 is at least `BF16_SPEEDUP`
 times as fast, in fp32 elsewhere. On CUDA `auto` is bf16, on MPS fp32, without measuring.
 
@@ -14,6 +14,7 @@ the loss's log-softmax in fp32 (objectives.py). MFU is measured against the peak
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -73,13 +74,28 @@ def probe_path(key: str) -> Path:
     return pellucid_home() / "probes" / f"matmul-{digest}.json"
 
 
-def measure_peaks(rounds: int = 3, seconds: float = 0.15) -> dict[str, float]:
-    """Best CPU matmul FLOP/s of each dtype, measured in alternation so load falls on both alike."""
+def measure_peaks(
+    rounds: int = 3,
+    seconds: float = 0.15,
+    rate: Callable[[torch.device, torch.dtype, float], float] | None = None,
+) -> dict[str, float]:
+    """Best CPU matmul FLOP/s of each dtype, measured in alternation so load falls on both alike.
+
+    Stops after the first round when the answer is plain (bf16 under half or over 4x the
+    threshold: no machine's noise moves a ratio that far), and takes one try where one is long:
+    on a CPU without native bf16 a single 1024^3 bf16 matmul takes ~2 s (1 GFLOP/s against 126
+    for fp32, AVX2-only EPYC), and three rounds of at least four tries took 32 s.
+    rate: what measures (device, dtype, seconds) -> FLOP/s; by default one-try matmul_flops.
+    """
+    rate = rate or functools.partial(matmul_flops, tries=1)
     cpu = torch.device("cpu")
     peaks = dict.fromkeys(DTYPES, 0.0)
     for _ in range(rounds):
         for name, dtype in DTYPES.items():
-            peaks[name] = max(peaks[name], matmul_flops(cpu, dtype, seconds))
+            peaks[name] = max(peaks[name], rate(cpu, dtype, seconds))
+        ratio = peaks["bfloat16"] / peaks["float32"]
+        if not BF16_SPEEDUP / 2 <= ratio <= BF16_SPEEDUP * 4:
+            break
     return peaks
 
 
