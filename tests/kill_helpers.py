@@ -10,15 +10,25 @@ so a resume can never load a partial one.
 """
 
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numba
 import torch
+import torch._dynamo  # torch.optim imports it at an optimizer's first construction
 
 from pellucid.weights.checkpoint import checkpoint_dirs, latest_good, verify
+
+# The forkserver imports this module (and the child's) before it forks any run, so what each
+# run would otherwise load on its own is loaded once here: torch's compiler stack (~1 s, pulled in
+# by AdamW) and numba's typing and target registries (~0.7 s, at a process's first numba call:
+# the trial runs' dropout kernels). A serial function only: numba's thread pool must not start
+# before a fork.
+numba.njit(lambda x: x + 1)(1)
 
 
 def slow_checkpoint_writes(writes: object) -> None:
@@ -42,15 +52,22 @@ def good_step(run_dir: Path) -> int:
 
 
 def kill_and_resume(
-    child: Callable, run_dir: Path, args: tuple = (), *, kills: int = 20, window: float = 0.3
+    child: Callable,
+    run_dir: Path,
+    args: tuple = (),
+    *,
+    kills: int = 20,
+    window: float = 0.3,
+    keep: int | None = None,
 ) -> int:
     """Start `child(run_dir, resume, writes, *args)` `kills` times and kill -9 each once it has
     written its first own checkpoint: odd trials at a random moment of the next checkpoint file
     write, even ones up to `window` seconds later. Returns how many kills left a half-written
     checkpoint folder behind. `child` must be a top-level function of an importable test module.
+    keep: the run's keep_checkpoints, if set: after each kill at most keep + 1 complete folders
+    (a kill can land between a new checkpoint's rename and the purge of the oldest).
     """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([child.__module__])
+    ctx = _forkserver([child.__module__, __name__])
     rng = torch.Generator().manual_seed(16)
     mid_write = 0
     for trial in range(kills):
@@ -74,8 +91,28 @@ def kill_and_resume(
         mid_write += any(p.name.startswith(".tmp-") for p in (run_dir / "checkpoints").iterdir())
         for ckpt in checkpoint_dirs(run_dir):  # only complete folders ever carry a step_ name
             verify(ckpt)
+        assert keep is None or len(checkpoint_dirs(run_dir)) <= keep + 1
         assert good_step(run_dir) > last  # every trial moved the run on
     return mid_write
+
+
+def _forkserver(modules: list[str]) -> multiprocessing.context.BaseContext:
+    """The forkserver context, its server started (if it is not yet) with `modules` imported.
+    Python 3.11's forkserver does not take the parent's sys.path (its imports see the working
+    directory's), so the tests folder goes on its PYTHONPATH: run from the repository root, the
+    preload failed silently and every trial imported torch and the tests afresh (~6 s, not ~1)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(modules)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), old) if p)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    return ctx
 
 
 def no_leftovers(run_dir: Path) -> bool:
