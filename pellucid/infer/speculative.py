@@ -32,6 +32,7 @@ from torch import nn
 from pellucid.errors import ConfigError
 from pellucid.infer.decode import FastDecoder, last_logits, runner_for
 from pellucid.infer.kv_pool import next_power_of_two
+from pellucid.infer.sampling import greedy
 from pellucid.infer.sequence import common_prefix
 from pellucid.model.kv_cache import KVCache
 
@@ -102,7 +103,7 @@ class ModelDrafter:
             runner = runner_for(self.model, self.fast, [feed], cache)
             logits = last_logits(runner, [feed], self.device, cache)  # (1, V)
             cache.advance(len(feed))
-            feed = [int(logits[0].argmax())]
+            feed = greedy(logits)[0].tolist()  # the sampler's argmax: first among ties
             guesses += feed
         self.caches[handle] = (cache, ids + guesses[:-1])
         return guesses
