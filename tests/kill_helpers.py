@@ -2,15 +2,14 @@
 loop shared by the fault tests of pretraining, fine-tuning and DPO (issue 16 item 4).
 
 The runs are forked from a server that has imported torch and the test module already
-(multiprocessing's forkserver), so a trial costs the run's own start-up, not Python's and torch's.
+(multiprocessing's forkserver: tests/preloaded.py), so a trial costs the run's own start-up, not
+Python's and torch's.
 In the child every checkpoint file write counts itself and then waits 20 ms; every other kill waits
 for such a write to begin, so at least half land inside a checkpoint write. After each kill every
 `step_*` folder must verify (manifest and checksums): only complete folders ever carry that name,
 so a resume can never load a partial one.
 """
 
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import signal
 import time
@@ -18,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numba
+import preloaded
 import torch
 import torch._dynamo  # torch.optim imports it at an optimizer's first construction
 
@@ -67,7 +67,7 @@ def kill_and_resume(
     keep: the run's keep_checkpoints, if set: after each kill at most keep + 1 complete folders
     (a kill can land between a new checkpoint's rename and the purge of the oldest).
     """
-    ctx = _forkserver([child.__module__, __name__])
+    ctx = preloaded.context([child.__module__, __name__])
     rng = torch.Generator().manual_seed(16)
     mid_write = 0
     for trial in range(kills):
@@ -94,25 +94,6 @@ def kill_and_resume(
         assert keep is None or len(checkpoint_dirs(run_dir)) <= keep + 1
         assert good_step(run_dir) > last  # every trial moved the run on
     return mid_write
-
-
-def _forkserver(modules: list[str]) -> multiprocessing.context.BaseContext:
-    """The forkserver context, its server started (if it is not yet) with `modules` imported.
-    Python 3.11's forkserver does not take the parent's sys.path (its imports see the working
-    directory's), so the tests folder goes on its PYTHONPATH: run from the repository root, the
-    preload failed silently and every trial imported torch and the tests afresh (~6 s, not ~1)."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(modules)
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), old) if p)
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        if old is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old
-    return ctx
 
 
 def no_leftovers(run_dir: Path) -> bool:

@@ -17,7 +17,6 @@ only after a crash or a hang, so a case costs its own work, not a process start.
 """
 
 import logging
-import multiprocessing
 import os
 import random
 import resource
@@ -27,6 +26,8 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+import preloaded
 
 from fuzz.formats import FORMATS, make_seeds
 from pellucid.errors import PellucidError
@@ -97,8 +98,7 @@ class Worker:
     """One worker process at a time, replaced after a crash or a hang."""
 
     def __init__(self, seeds: Path, work: Path) -> None:
-        self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["fuzz"])
+        self.ctx = preloaded.context(["fuzz"])
         self.args, self.proc = (str(seeds), str(work)), None
 
     def _start(self) -> None:
