@@ -3,7 +3,7 @@
 CPUs differ by a factor of ten here. With Intel AMX a bf16 matmul runs at about 2,460 GFLOP/s
 against 320 for fp32 (measured); AMD Zen 4's AVX512-BF16 gives about 2.2x; CPUs with neither run
 bf16 at about half the fp32 rate or far less. Which one a run lands on is not ours to choose, so
-`auto` times fp32 and bf16 matmuls in turn (a second or two), keeps the two rates per machine in
+`auto` times fp32 and bf16 matmuls in turn (a second, a few without bf16), keeps the two rates per machine in
 `$PELLUCID_HOME/probes/`, and trains under bf16 autocast where bf16 is at least `BF16_SPEEDUP`
 times as fast, in fp32 elsewhere. On CUDA `auto` is bf16, on MPS fp32, without measuring.
 
@@ -85,7 +85,7 @@ def measure_peaks(
     threshold: no machine's noise moves a ratio further), and a try may be a long one: on a CPU
     without native bf16 a single 1024^3 bf16 matmul takes ~2 s (1 GFLOP/s against 126 for fp32,
     AVX2-only EPYC), and three rounds of at least four tries took 32 s. fp32's rounds are cheap
-    and all run (the first, colder, read 76 of those 126).
+    and all run: its first, colder, read 76 GFLOP/s where the later ones reached 126.
     rate: what measures (device, dtype, seconds) -> FLOP/s; by default one-try matmul_flops.
     """
     rate = rate or functools.partial(matmul_flops, tries=1)
