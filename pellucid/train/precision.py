@@ -3,9 +3,9 @@
 CPUs differ by a factor of ten here. With Intel AMX a bf16 matmul runs at about 2,460 GFLOP/s
 against 320 for fp32 (measured); AMD Zen 4's AVX512-BF16 gives about 2.2x; CPUs with neither run
 bf16 at about half the fp32 rate or far less. Which one a run lands on is not ours to choose, so
-`auto` times fp32 and bf16 matmuls in turn (a second, a few without bf16), keeps the two rates per machine in
-`$PELLUCID_HOME/probes/`, and trains under bf16 autocast where bf16 is at least `BF16_SPEEDUP`
-times as fast, in fp32 elsewhere. On CUDA `auto` is bf16, on MPS fp32, without measuring.
+`auto` times fp32 and bf16 matmuls in turn (a second; a few where bf16 is slow), keeps the two
+rates per machine in `$PELLUCID_HOME/probes/`, and trains under bf16 autocast where bf16 is at
+least `BF16_SPEEDUP` times as fast, in fp32 elsewhere. On CUDA `auto` is bf16, on MPS fp32, without measuring.
 
 Under bf16 autocast the weights, gradients and AdamW moments stay fp32; the matmuls run in bf16 and
 the loss's log-softmax in fp32 (objectives.py). MFU is measured against the peak of the dtype used.
