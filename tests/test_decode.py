@@ -1,6 +1,7 @@
 """The decode step's fast path (infer/decode.py on kernels.py): the model's numbers, faster."""
 
 import dataclasses
+import weakref
 
 import numpy as np
 import pytest
@@ -136,3 +137,18 @@ def test_fast_decoder_gives_the_same_bits_on_any_number_of_threads(monkeypatch):
     monkeypatch.setattr(fast, "threads", lambda: 5)  # 5 parts on the threads there are
     for got in (got_one_thread, run()):
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_the_pools_buffers_are_freed_when_nothing_is_live():
+    """The FastDecoder keeps views of the KV buffers between steps; when the pool frees them (no
+    sequence left) those views must go too: they held SmolLM2's 1.4 GB for 8 rows of 4,032
+    tokens after the last sequence had finished."""
+    engine = Engine(_model("q4"), None)
+    assert engine._fast is not None
+    steps = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_new_tokens=9))
+    next(steps), next(steps)  # prefill, then a decode step on the FastDecoder
+    buffers = [weakref.ref(t) for t in engine.pool.k]
+    assert buffers
+    steps.close()  # cancels both
+    assert engine.kv_bytes_used == 0
+    assert all(b() is None for b in buffers)

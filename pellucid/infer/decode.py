@@ -119,6 +119,11 @@ class FastDecoder:
     def logits(self, hidden: Tensor) -> Tensor:
         return self.model.logits(hidden)
 
+    def forget(self) -> None:
+        """Let go of the cache views kept between steps: they hold the buffers alive (the engine
+        calls this when its KV pool frees them)."""
+        self._kv = ([], [], [])
+
     def _views(self, cache: KVCache) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """numpy views of the cache's per-layer buffers as typed lists, remade only when the
         buffers change (the pool hands out the same KVCache lists for the same rows): making

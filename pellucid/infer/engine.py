@@ -375,6 +375,8 @@ class Engine:
             session.cache = self.pool.save(row, seq.cached, session.cache)
             session.ids = seq.ids[: seq.cached]
         self.pool.release(seq.handle)
+        if not self.pool.k and self._fast is not None:  # the pool freed its buffers
+            self._fast.forget()
 
     # --- one step ----------------------------------------------------------------------------------
 
