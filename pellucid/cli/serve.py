@@ -155,8 +155,10 @@ def in_passing_thread(fn: Callable[[], T]) -> T:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from pellucid.infer.quant import prefer_256_bit_vectors
     from pellucid.serve.app import create_app
 
+    prefer_256_bit_vectors()  # before any kernel is declared: the server batches
     hosts = check_exposure(args)
     budget = None if args.kv_budget_mb is None else args.kv_budget_mb << 20
     name = args.served_model_name or served_name(args.model)
