@@ -45,9 +45,9 @@ bench/RESULTS.md):
 - Vector width: LLVM picks 8 float lanes for these loops on AVX2 CPUs and on Intel's AVX-512
   ones; for AMD Zen 4 it picks 16 for the row-group loop, and fetches each lane's block scale
   with a gather. 8 rows of SmolLM2's Q4 matrices there took 1.6-1.8x the time of 8-lane code,
-  while one row (and the Q8 output head) ran 5-20% faster with 16 lanes.
-  quant.prefer_256_bit_vectors asks for 8 lanes everywhere; the server, which batches, calls it
-  (bench/RESULTS.md).
+  while a batch-1 step ran 8% faster with 16 lanes (the one-row loop compiles the same; the Q8
+  output head and the step's other loops gain). quant.prefer_256_bit_vectors asks for 8 lanes
+  everywhere; the server, which batches, calls it (bench/RESULTS.md).
 - Every product is written for a range of output rows (`_rows`), so it runs two ways: `matmul`
   splits the rows over the threads in one parallel region (`prange`), and step_kernel.forward
   runs a whole decode step in one parallel region, its threads taking ranges of rows as jobs.
