@@ -83,6 +83,7 @@ def start_pellucid(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     ]
     if args.model:
         cmd += ["--model", args.model]
+    cmd += args.serve_arg
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     port = None
     for line in proc.stderr:
@@ -437,6 +438,12 @@ def main() -> None:
     ap.add_argument("--disconnect", type=float, default=0.1, help="fraction of requests cut short")
     ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        help="one more argument for `pellucid serve` (repeatable): --serve-arg=--no-pin-threads",
+    )
     ap.add_argument("--url", help="an already running server (skips starting one; no RSS)")
     ap.add_argument(
         "--no-llama-cpp",
