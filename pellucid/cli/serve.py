@@ -159,6 +159,7 @@ def in_passing_thread(fn: Callable[[], T]) -> T:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from fastapi import FastAPI
 
     from pellucid.infer.quant import prefer_256_bit_vectors
     from pellucid.serve.app import create_app
@@ -167,8 +168,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     hosts = check_exposure(args)
     budget = None if args.kv_budget_mb is None else args.kv_budget_mb << 20
     name = args.served_model_name or served_name(args.model)
-    app = in_passing_thread(
-        lambda: create_app(
+
+    def build() -> FastAPI:
+        app = create_app(
             load(args),
             model_name=name,
             api_key=args.api_key or None,
@@ -182,7 +184,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             kv_budget_bytes=budget,
             pin_threads=not args.no_pin_threads,
         )
-    )
+        # Before listening: else the first request after an install waits ~50 s for them.
+        print(
+            "pellucid serve: preparing the decode kernels (compiled on a machine's first start: "
+            "about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
+        app.state.engine.warm_up()
+        return app
+
+    app = in_passing_thread(build)
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host
