@@ -358,13 +358,3 @@ def test_releasing_short_sequences_does_not_reallocate_the_pool_each_time(monkey
     for h in range(4, 8):
         pool.release(h)
     assert pool.nbytes == 0  # and the last one frees it all
-
-
-def test_warm_up_runs_a_prefill_and_a_decode_step_and_leaves_the_engine_idle(tiny):
-    engine = Engine(tiny)
-    engine.warm_up()
-    assert engine.last_step.decode_tokens == 1  # its last step decoded (the first prefilled)
-    assert engine.n_live == 0 and engine.kv_bytes_used == 0
-    assert [s.id for s in engine.complete([1, 2], GREEDY).steps] == [
-        s.id for s in alone(tiny, [1, 2], GREEDY)
-    ]

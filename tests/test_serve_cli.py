@@ -260,16 +260,28 @@ def test_serve_warms_the_engine_up_before_it_listens(gguf_path, monkeypatch, cap
     happen before the port is announced, not in the first request's time."""
     import uvicorn
 
-    from pellucid.infer.engine import Engine
+    import pellucid.cli.serve as cli_serve
 
     order = []
-    real = Engine.warm_up
-    monkeypatch.setattr(Engine, "warm_up", lambda self: order.append("warm") or real(self))
+    real = cli_serve.warm_up
+    monkeypatch.setattr(cli_serve, "warm_up", lambda engine: order.append("warm") or real(engine))
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: order.append("listen"))
     assert main(["serve", "--model", str(gguf_path), "--port", "0"]) == 0
     assert order == ["warm", "listen"]
     err = capsys.readouterr().err
     assert err.index("preparing the decode kernels") < err.index("on http://")
+
+
+def test_warm_up_runs_a_prefill_and_a_decode_step_and_leaves_the_engine_idle():
+    from serve_util import tiny_loaded
+
+    from pellucid.cli.serve import warm_up
+    from pellucid.infer.engine import Engine
+
+    engine = Engine(tiny_loaded().model)
+    warm_up(engine)
+    assert engine.last_step.decode_tokens == 1  # its last step decoded (the first prefilled)
+    assert engine.n_live == 0 and engine.kv_bytes_used == 0
 
 
 def test_a_failed_load_is_the_same_one_line_error_from_the_loading_thread(tmp_path, capsys):

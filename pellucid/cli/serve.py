@@ -15,10 +15,13 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pellucid.cli.common import add_model, add_quant, load
 from pellucid.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pellucid.infer.engine import Engine
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 T = TypeVar("T")
@@ -157,6 +160,16 @@ def in_passing_thread(fn: Callable[[], T]) -> T:
     return out[0]
 
 
+def warm_up(engine: Engine) -> None:
+    """One short greedy generation (a one-token prompt, two new tokens), so that the decode
+    kernels are compiled (a machine's first run: about a minute) or loaded from numba's cache
+    now, not in the first request's time. Leaves no sequence live and the pool empty."""
+    from pellucid.infer.sampling import SamplingParams
+
+    for _ in engine.generate([[0]], SamplingParams(max_new_tokens=2, temperature=0.0)):
+        pass
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from fastapi import FastAPI
@@ -191,7 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        app.state.engine.warm_up()
+        warm_up(app.state.engine)
         return app
 
     app = in_passing_thread(build)

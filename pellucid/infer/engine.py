@@ -215,13 +215,6 @@ class Engine:
         if seq is not None:
             self._remove(seq)
 
-    def warm_up(self) -> None:
-        """One short greedy generation (a one-token prompt, two new tokens), so that the decode
-        kernels are compiled (a machine's first run: about a minute) or loaded from numba's cache
-        now, not in the first request's time. Leaves no sequence live and the pool empty."""
-        for _ in self.generate([[0]], SamplingParams(max_new_tokens=2, temperature=0.0)):
-            pass
-
     # --- the whole-batch API, on top of the core ---------------------------------------------------
 
     def generate(
