@@ -442,7 +442,7 @@ def main() -> None:
         "--serve-arg",
         action="append",
         default=[],
-        help="one more argument for `pellucid serve` (repeatable): --serve-arg=--no-pin-threads",
+        help="one more argument for `pellucid serve` (repeatable): --serve-arg=--kv-budget-mb=512",
     )
     ap.add_argument("--url", help="an already running server (skips starting one; no RSS)")
     ap.add_argument(

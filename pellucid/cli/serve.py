@@ -65,11 +65,6 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="accept this Host header name besides localhost (repeatable; '*': any)",
     )
     p.add_argument("--log-prompts", action="store_true", help="log prompt text (off by default)")
-    p.add_argument(
-        "--no-pin-threads",
-        action="store_true",
-        help="let the OS place the event loop and the engine's thread (default: a CPU each)",
-    )
     p.set_defaults(handler=cmd_serve)
 
 
@@ -195,7 +190,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             log_prompts=args.log_prompts,
             kv_budget_bytes=budget,
-            pin_threads=not args.no_pin_threads,
         )
         # Before listening: else the first request after an install waits ~50 s for them.
         print(

@@ -109,15 +109,13 @@ def create_app(
     limits: Limits | None = None,
     engine: Any = None,
     kv_budget_bytes: int | None = None,
-    pin_threads: bool = False,
 ) -> FastAPI:
     """The API app for one loaded model.
 
     api_key: None serves without a key (the CLI allows that only on loopback). allowed_hosts:
     Host header names accepted besides localhost / 127.0.0.1 / [::1] ("*": any). cors_origins:
     none by default (no cross-origin browser access). engine: a prebuilt Engine (tests wrap one);
-    by default one over loaded.model with kv_budget_bytes of KV pool. pin_threads: the event loop
-    and the engine's thread on CPUs of their own (scheduler.py says why; the CLI's default).
+    by default one over loaded.model with kv_budget_bytes of KV pool.
     """
     if loaded.tokenizer is None:
         from pellucid.errors import ConfigError
@@ -126,11 +124,7 @@ def create_app(
     if engine is None:
         engine = Engine(loaded.model, loaded.tokenizer, kv_budget_bytes=kv_budget_bytes)
     scheduler = Scheduler(
-        engine,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        request_timeout_s=request_timeout_s,
-        pin_threads=pin_threads,
+        engine, max_batch=max_batch, max_queue=max_queue, request_timeout_s=request_timeout_s
     )
 
     @asynccontextmanager

@@ -11,17 +11,9 @@ and choice) in a bounded queue; the worker thread, between two engine steps,
        request is not starved by small ones behind it),
     5. runs one `engine.step()`: prefill of the newcomers and one batched decode of the rest,
 
-and hands the tickets their Steps onto their asyncio queues, with one `loop.call_soon_threadsafe`
-per step for all of them (each call wakes the event loop). The only lock guards the queue and the
-cancel list for a few instructions; nothing serialises requests. The Engine is single-threaded by
-contract, and only this thread calls it.
-
-Where the threads run (pin_threads): the event loop's thread on one CPU, this worker on another.
-Between two steps the worker alone runs Python (sampling, the next step's set-up) while its
-OpenMP helper threads spin, waiting for the next kernel; a token's event-loop work (a JSON chunk,
-a socket write: ~0.5 ms of CPU here) woke on the worker's own CPU and took it for that long,
-half of it on the step's critical path (measured: the post of a step's events took 0.47 ms, 0.39
-of it waiting to run again). Pinned, the event loop takes the CPU of a spinning helper instead.
+and hands each ticket its Steps through `loop.call_soon_threadsafe` onto the ticket's asyncio
+queue. The only lock guards the queue and the cancel list for a few instructions; nothing
+serialises requests. The Engine is single-threaded by contract, and only this thread calls it.
 
     scheduler = Scheduler(engine, max_batch=8, max_queue=64)
     ticket = scheduler.submit([(prompt_ids, params)])     # APIError 429 when the queue is full
@@ -33,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -105,7 +96,8 @@ class Ticket:
 
     def post(self, event: Event) -> None:
         """From the worker thread: put an event on the ticket's queue, in the loop's thread."""
-        post_all([(self, event)])
+        with suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
     async def events(self) -> AsyncIterator[Event]:
         """Every event until "done" or "error" (inclusive)."""
@@ -116,46 +108,11 @@ class Ticket:
                 return
 
 
-def post_all(events: list[tuple[Ticket, Event]]) -> None:
-    """From the worker thread: put each event on its ticket's queue, with one wake-up of each
-    event loop involved (not one per ticket)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Ticket, Event]]] = {}
-    for ticket, event in events:
-        by_loop.setdefault(ticket.loop, []).append((ticket, event))
-    for loop, items in by_loop.items():
-        with suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-            loop.call_soon_threadsafe(_deliver, items)
-
-
-def _deliver(items: list[tuple[Ticket, Event]]) -> None:
-    for ticket, event in items:
-        ticket.queue.put_nowait(event)
-
-
-def cpu_plan(allowed: set[int]) -> tuple[int, int] | None:
-    """(the worker's CPU, the event loop's CPU) out of the CPUs this process may use: the first
-    and the last; None with fewer than two (nothing to separate)."""
-    cpus = sorted(allowed)
-    return (cpus[0], cpus[-1]) if len(cpus) >= 2 else None
-
-
-def _pin(tid: int, cpus: set[int]) -> bool:
-    """Restrict thread `tid` (a native id; 0: the caller) to `cpus`; False where the OS says no."""
-    try:
-        os.sched_setaffinity(tid, cpus)
-    except (AttributeError, OSError) as e:  # no such call (macOS), or a container forbids it
-        log.info("could not pin a thread to CPUs %s: %s", sorted(cpus), e)
-        return False
-    return True
-
-
 class Scheduler:
     """The worker thread that owns the engine, and the queue in front of it.
 
     max_batch: most sequences decoded together. max_queue: most tickets waiting to be admitted
     (beyond it: 429 at once). request_timeout_s: a ticket's time limit, queueing included.
-    pin_threads: keep the event loop's thread (the one that calls start()) and the worker on
-    CPUs of their own (the module docstring says why); both get their CPUs back at close().
     """
 
     def __init__(
@@ -165,13 +122,9 @@ class Scheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         request_timeout_s: float = 600.0,
-        pin_threads: bool = False,
     ) -> None:
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
         self.request_timeout_s = request_timeout_s
-        self.pin_threads = pin_threads
-        self._plan: tuple[int, int] | None = None  # (worker CPU, loop CPU) once pinned
-        self._loop_thread: tuple[int, set[int]] | None = None  # (native id, its CPUs before)
         self.metrics = Metrics()
         self._cond = threading.Condition()  # guards the four collections below
         self._waiting: deque[Ticket] = deque()
@@ -200,35 +153,20 @@ class Scheduler:
         return not self._closing and (self._thread is None or self._thread.is_alive())
 
     def start(self) -> None:
-        """Start the worker thread (idempotent; `submit` starts it too). With pin_threads, the
-        calling thread (the event loop's) is then kept to a CPU of its own."""
+        """Start the worker thread (idempotent; `submit` starts it too)."""
         with self._cond:
             if self._thread is None and not self._closing:
                 self._thread = threading.Thread(target=self._work, name="pellucid-engine")
                 self._thread.daemon = True  # never keeps a dying process alive
-                if self.pin_threads and hasattr(os, "sched_getaffinity"):
-                    allowed = os.sched_getaffinity(0)
-                    self._plan = cpu_plan(allowed)
-                    if self._plan is not None:
-                        self._loop_thread = (threading.get_native_id(), allowed)
-                # started before the caller is pinned: it inherits all of the CPUs
                 self._thread.start()
-                if self._loop_thread is not None:
-                    _pin(0, {self._plan[1]})
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop taking requests, fail whatever is left (503), and join the worker thread; a
-        pinned event-loop thread gets its CPUs back."""
+        """Stop taking requests, fail whatever is left (503), and join the worker thread."""
         with self._cond:
             self._closing = True
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._loop_thread is not None:
-            tid, cpus = self._loop_thread
-            with suppress(OSError):  # that thread has ended
-                _pin(tid, cpus)
-            self._loop_thread = None
 
     def submit(self, seqs: list[tuple[list[int], SamplingParams]]) -> Ticket:
         """Queue one request's sequences; call from the event loop. 429 when the queue is full,
@@ -278,7 +216,6 @@ class Scheduler:
     # --- the worker thread -------------------------------------------------------------------------
 
     def _work(self) -> None:
-        pinned = self._plan is None  # (nothing to pin)
         try:
             while True:
                 with self._cond:
@@ -304,11 +241,6 @@ class Scheduler:
                 self._admit()
                 if self.engine.n_live:
                     self._step()
-                    if not pinned:
-                        # After a step: its kernels have made this thread's OpenMP helpers, which
-                        # took its CPUs when they were made (all of them); now only it moves.
-                        pinned = True
-                        _pin(0, {self._plan[0]})
         finally:
             self._shutdown()
 
@@ -421,14 +353,12 @@ class Scheduler:
                 del self._running[step.row]
                 del ticket.handles[step.row]
                 ticket.live -= 1
-        events = []
         for ticket, items in out.items():
-            events.append((ticket, Event("steps", items)))
+            ticket.post(Event("steps", items))
             if ticket.live == 0:
                 ticket.state = "done"
                 self.metrics.requests_active -= 1
-                events.append((ticket, Event("done")))
-        post_all(events)
+                ticket.post(Event("done"))
 
     def _shutdown(self) -> None:
         """Fail every ticket still queued or running, and every job not yet run."""
