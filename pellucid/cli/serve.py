@@ -21,6 +21,8 @@ from pellucid.cli.common import add_model, add_quant, load
 from pellucid.errors import ConfigError
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from pellucid.infer.engine import Engine
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -161,13 +163,11 @@ def warm_up(engine: Engine) -> None:
     now, not in the first request's time. Leaves no sequence live and the pool empty."""
     from pellucid.infer.sampling import SamplingParams
 
-    for _ in engine.generate([[0]], SamplingParams(max_new_tokens=2, temperature=0.0)):
-        pass
+    engine.complete([0], SamplingParams(max_new_tokens=2, temperature=0.0))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-    from fastapi import FastAPI
 
     from pellucid.infer.quant import prefer_256_bit_vectors
     from pellucid.serve.app import create_app
